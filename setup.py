@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="spjax",
+    version="0.1.0",
+    description="Declarative-layout language-model training on TPU meshes with JAX and Flax NNX",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["spjax", "spjax.*"]),
+    package_data={"spjax.data": ["*.model"]},
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2.0",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.1.0",
+        "tensorboardX>=2.6.2",
+        "tqdm>=4.66",
+        "numpy>=2.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    },
+    entry_points={"console_scripts": ["spjax-train=spjax.main:run"]},
+)
