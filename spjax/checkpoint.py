@@ -1,0 +1,86 @@
+"""Checkpoints in `workdir/checkpoints/<step>/`: train state (Orbax) and data iterator (Grain).
+
+Each step directory holds two items: `state`, any pytree of jax arrays (params, optimizer state,
+step) written by every process for its own shards, and `data_iter`, one JSON file of Grain iterator
+state per process. Restoring reads arrays straight into the shardings the caller asks for, so a
+run can resume on a different mesh or layout.
+"""
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves every `save_every_steps` steps (asynchronously) and keeps the newest `max_to_keep`."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int, save_every_steps: int):
+    policies = ocp.checkpoint_managers
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.FixedIntervalPolicy(save_every_steps),
+            preservation_policy=policies.LatestN(max_to_keep)),
+        # Registered up front so a fresh process (a resumed run) can read the metadata of old steps.
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data_iter": grain.checkpoint.CheckpointHandler()})
+
+  def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+    """Starts saving `state` (and `data_iter`'s position) if `step` is due or `force`; True if so.
+
+    Returns once the arrays are copied off the devices, so the caller may donate or overwrite them
+    while the files are written in the background. The iterator state is captured before returning.
+    """
+    if force and step in self._manager.all_steps():
+      return False  # already saved on the interval; Orbax refuses to write a step twice
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """Returns the state saved at `step`, laid out as `abstract_state` asks.
+
+    `abstract_state` is a pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` with the
+    structure that was saved; each array is read directly into its sharding. `data_iter`, when
+    given, is moved in place to where it was at the save. Raises ValueError naming the first array
+    whose path or shape differs from the checkpoint's, before reading any data.
+    """
+    self.wait()  # a step still being written has no metadata yet
+    self._check_matches(step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def _check_matches(self, step, abstract_state):
+    saved = _shapes(self._manager.item_metadata(step)["state"])
+    wanted = _shapes(abstract_state)
+    problems = [p for p in wanted.keys() | saved.keys() if wanted.get(p) != saved.get(p)]
+    if not problems:
+      return
+    # Shallowest first: a mismatched parameter also mismatches its optimizer moments, deeper down.
+    first = min(problems, key=lambda p: (p.count("/"), p))
+    more = f" ({len(problems) - 1} more mismatched arrays)" if len(problems) > 1 else ""
+    raise ValueError(f"checkpoint step {step} does not match the model at {first}: "
+                     f"checkpoint shape {saved.get(first, 'absent')}, "
+                     f"model shape {wanted.get(first, 'absent')}{more}")
+
+  def wait(self) -> None:
+    """Blocks until background saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """`{"params/layers/mlp/kernel/value": shape}` for every array leaf."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in leaves}

@@ -1,0 +1,88 @@
+"""The optimizer from `config.optimizer`: clipping, warmup-cosine schedule, masked weight decay."""
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+
+
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_train_steps: int):
+  """Returns `(tx, schedule)`; `schedule(step)` is the learning rate the update at `step` uses.
+
+  Learning rate: linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
+  `end_lr_ratio * learning_rate` over `decay_steps` (0 = the rest of `num_train_steps`).
+  Gradients are clipped to `grad_clip_norm` (global norm; 0 = off) before anything else sees them.
+  Weight decay is decoupled (`param -= lr_t * weight_decay * param`, as in AdamW) and applies only
+  to matrices (see `decay_mask`); "adam" is "adamw" without it. `b1`, `b2`, `eps` are Adam's,
+  `momentum` is SGD's; adafactor keeps optax's defaults for its own moment estimates.
+  """
+  _validate(opt_cfg, num_train_steps)
+  # At least one decay step: optax refuses an empty cosine phase (warmup_steps == num_train_steps).
+  decay_steps = opt_cfg.decay_steps or max(num_train_steps - opt_cfg.warmup_steps, 1)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=opt_cfg.learning_rate,
+      warmup_steps=opt_cfg.warmup_steps,
+      decay_steps=opt_cfg.warmup_steps + decay_steps,  # optax counts the warmup in decay_steps
+      end_value=opt_cfg.end_lr_ratio * opt_cfg.learning_rate)
+
+  wd = opt_cfg.weight_decay
+  if opt_cfg.name == "adamw":
+    tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=wd,
+                     mask=decay_mask)
+  elif opt_cfg.name == "adam":
+    tx = optax.adam(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
+  elif opt_cfg.name == "sgd":
+    # optax.sgd with the decay added after momentum, so it stays decoupled (SGDW).
+    tx = optax.chain(optax.trace(decay=opt_cfg.momentum),
+                     optax.add_decayed_weights(wd, mask=decay_mask),
+                     optax.scale_by_learning_rate(schedule))
+  else:
+    # Adafactor adds its decay after the learning rate is applied, so scale the rate by the schedule
+    # to get the same `lr_t * weight_decay` as AdamW.
+    tx = optax.adafactor(schedule, weight_decay_rate=lambda step: wd * schedule(step),
+                         weight_decay_mask=decay_mask)
+
+  if opt_cfg.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
+  return tx, schedule
+
+
+def decay_mask(params):
+  """True for matrices (kernels, embeddings), False for vectors (norm scales, biases).
+
+  A scanned layer stack adds a leading `layers` axis, so a stacked norm scale is 2-D: when the param
+  carries logical axis names, count the axes other than `layers`; otherwise fall back to `ndim`.
+  Returns a prefix of `params` (one bool per param), which `optax.masked` accepts.
+  """
+  def is_matrix(leaf) -> bool:
+    names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
+    if names is not None:
+      return len([n for n in names if n != "layers"]) >= 2
+    return leaf.ndim >= 2
+
+  return jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _validate(opt_cfg, num_train_steps):
+  def fail(field, why):
+    raise ValueError(f"optimizer.{field}={opt_cfg[field]!r}: {why}")
+
+  if opt_cfg.name not in OPTIMIZERS:
+    fail("name", f"unknown optimizer; valid names: {', '.join(OPTIMIZERS)}")
+  if opt_cfg.learning_rate < 0:
+    fail("learning_rate", "must be >= 0")
+  if not 0 <= opt_cfg.warmup_steps <= num_train_steps:
+    fail("warmup_steps", f"must be in [0, num_train_steps={num_train_steps}]")
+  if opt_cfg.decay_steps < 0:
+    fail("decay_steps", "must be >= 0 (0 = decay until num_train_steps)")
+  if opt_cfg.end_lr_ratio < 0:
+    fail("end_lr_ratio", "must be >= 0")
+  for field in ("b1", "b2", "momentum"):
+    if not 0 <= opt_cfg[field] < 1:
+      fail(field, "must be in [0, 1)")
+  for field in ("eps", "weight_decay", "grad_clip_norm"):
+    if opt_cfg[field] < 0:
+      fail(field, "must be >= 0")

@@ -1,0 +1,243 @@
+"""Logical axes, layouts (logical axis -> mesh axes) and meshes.
+
+The model names tensor dimensions with the logical axes below; a Layout maps each to a tuple of mesh
+axes (empty = replicated). Nothing else in spjax decides where a tensor lives. Validation happens here,
+on shapes only, so a bad layout fails with a sentence before anything is traced or compiled.
+"""
+
+import ast
+import dataclasses
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "expert")
+ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp",
+                   "act_vocab")
+LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
+MESH_AXES = ("data", "fsdp", "tensor", "sequence", "expert", "stage")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Ordered rules logical axis -> mesh axes, plus the mesh sizes the layout was designed for."""
+  rules: tuple[tuple[str, tuple[str, ...]], ...]  # every logical axis, in LOGICAL_AXES order
+  mesh: dict  # default ici sizes, e.g. {"fsdp": -1, "tensor": 2}; config overrides
+  dcn_mesh: dict  # default dcn (across slices) sizes
+  source: str  # what the user wrote, for messages
+
+  @classmethod
+  def from_rules(cls, rules: dict, source: str, mesh=None, dcn_mesh=None) -> "Layout":
+    full = {}
+    for logical, axes in rules.items():
+      if logical not in LOGICAL_AXES:
+        raise ValueError(f"layout {source!r}: unknown logical axis {logical!r}; valid logical axes: "
+                         f"{', '.join(LOGICAL_AXES)}")
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      for axis in axes:
+        if axis not in MESH_AXES:
+          raise ValueError(f"layout {source!r}: logical axis {logical!r} maps to unknown mesh axis "
+                           f"{axis!r}; valid mesh axes: {', '.join(MESH_AXES)}")
+      if len(set(axes)) != len(axes):
+        raise ValueError(f"layout {source!r}: logical axis {logical!r} names a mesh axis twice: "
+                         f"{axes}")
+      full[logical] = axes
+    for group, sizes in (("mesh", mesh or {}), ("dcn_mesh", dcn_mesh or {})):
+      for axis in sizes:
+        if axis not in MESH_AXES:
+          raise ValueError(f"layout {source!r}: {group} names unknown mesh axis {axis!r}; "
+                           f"valid mesh axes: {', '.join(MESH_AXES)}")
+    # Without mesh defaults the remaining devices go to data parallelism.
+    return cls(tuple((a, full.get(a, ())) for a in LOGICAL_AXES), dict(mesh or {"data": -1}),
+               dict(dcn_mesh or {"data": -1}), source)
+
+  @classmethod
+  def parse(cls, spec: str) -> "Layout":
+    """A preset name, a "logical:mesh,mesh;logical:mesh" string, or a .json/.py rules file."""
+    from spjax import layouts  # presets are data that use this class
+    spec = spec.strip()
+    if spec in layouts.PRESETS:
+      return layouts.PRESETS[spec]
+    if spec.endswith((".json", ".py")):
+      return _load_rules_file(spec)
+    if ":" not in spec:
+      raise ValueError(f"layout {spec!r} is neither a preset ({', '.join(layouts.PRESETS)}), a "
+                       "rules string like 'batch:data,fsdp;embed:fsdp', nor a .json/.py rules file")
+    rules = {}
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+      logical, sep, axes = item.partition(":")
+      if not sep:
+        raise ValueError(f"layout {spec!r}: {item!r} is not of the form logical:mesh_axis[,...]")
+      names = [a.strip() for a in axes.split(",") if a.strip() and a.strip().lower() != "none"]
+      rules[logical.strip()] = tuple(names)
+    return cls.from_rules(rules, spec)
+
+  def axes_for(self, logical: str) -> tuple[str, ...]:
+    return dict(self.rules)[logical]
+
+  def spec(self, names) -> PartitionSpec:
+    """PartitionSpec for a tensor whose dimensions have these logical names (None = replicated)."""
+    table = dict(self.rules)
+    return PartitionSpec(*(_spec_entry(table.get(n, ())) if n else None for n in names))
+
+  def flax_rules(self):
+    """The rules in the form `nnx.logical_axis_rules` takes, read back by `constrain`."""
+    return tuple((logical, axes or None) for logical, axes in self.rules)
+
+  def describe(self) -> str:
+    width = max(map(len, LOGICAL_AXES))
+    return "\n".join(f"  {logical:<{width}} -> {','.join(axes) or '(replicated)'}"
+                     for logical, axes in self.rules)
+
+
+def _spec_entry(axes: tuple[str, ...]):
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _load_rules_file(path: str) -> Layout:
+  """JSON: {"rules": {logical: [mesh axes]}, "mesh": {...}}; Python: RULES = {...}, MESH = {...}."""
+  if not os.path.exists(path):
+    raise ValueError(f"layout rules file {path!r} does not exist")
+  with open(path) as f:
+    text = f.read()
+  if path.endswith(".json"):
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"layout rules file {path!r} is not valid JSON: {e}") from None
+  else:  # a Python file of plain literals: RULES = {...}; MESH = {...}; DCN_MESH = {...}
+    data = {}
+    for node in ast.parse(text, path).body:
+      if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        data[node.targets[0].id.lower()] = ast.literal_eval(node.value)
+  if not isinstance(data.get("rules"), dict):
+    raise ValueError(f"layout rules file {path!r} must define a 'rules' mapping (RULES in Python) "
+                     "of logical axis -> list of mesh axes")
+  return Layout.from_rules(data["rules"], path, data.get("mesh"), data.get("dcn_mesh"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mesh
+# ---------------------------------------------------------------------------------------------------
+
+
+def resolve_mesh_shape(mesh_cfg, layout: Layout, num_devices: int, num_slices: int = 1):
+  """(ici sizes, dcn sizes) per MESH_AXES from config, layout defaults and the device count.
+
+  Config values: 0 = the layout's default (else 1), -1 = fill the remaining devices, n = exactly n.
+  """
+  dcn = _fill("mesh.dcn", mesh_cfg.dcn, layout.dcn_mesh, num_slices)
+  ici = _fill("mesh.ici", mesh_cfg.ici, layout.mesh, num_devices // num_slices)
+  return ici, dcn
+
+
+def _fill(group: str, cfg_sizes, defaults: dict, total: int) -> dict:
+  user = {axis: int(cfg_sizes[axis]) for axis in MESH_AXES}
+  for axis, size in user.items():
+    if size < -1:
+      raise ValueError(f"{group}.{axis} = {size}: use a positive size, -1 (fill) or 0 (default)")
+  user_fills = -1 in user.values()  # then the layout's own fill axis steps aside
+  sizes = {a: user[a] or (1 if user_fills and defaults.get(a) == -1 else defaults.get(a, 1))
+           for a in MESH_AXES}
+  fills = [a for a, s in sizes.items() if s == -1]
+  if len(fills) > 1:
+    raise ValueError(f"{group}: only one axis may be -1 (fill), got {', '.join(fills)}")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if fills:
+    if total % known:
+      raise ValueError(f"{group}: the fixed sizes {_fmt(sizes)} multiply to {known}, which does not "
+                       f"divide the {total} devices available")
+    sizes[fills[0]] = total // known
+  elif known != total:
+    raise ValueError(f"{group}: sizes {_fmt(sizes)} multiply to {known} but there are {total} "
+                     "devices; change a size or set one axis to -1 to fill")
+  return sizes
+
+
+def _fmt(sizes: dict) -> str:
+  return " x ".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"
+
+
+def make_mesh(mesh_cfg, layout: Layout, devices=None) -> Mesh:
+  """A mesh with every axis in MESH_AXES (size-1 axes included) and Auto axis types.
+
+  Across slices (dcn sizes > 1) each mesh axis is dcn x ici, slices outermost, so collectives over
+  an axis that is only in ici stay within a slice.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+  ici, dcn = resolve_mesh_shape(mesh_cfg, layout, len(devices), len(slices))
+  if math.prod(dcn.values()) > 1 and len(slices) > 1:
+    from jax.experimental import mesh_utils  # real multislice: let JAX place slices
+    grid = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES],
+                                                [dcn[a] for a in MESH_AXES], devices)
+  else:  # one slice (or simulated devices): dcn groups are contiguous blocks of devices
+    n = len(MESH_AXES)
+    grid = np.array(devices).reshape([dcn[a] for a in MESH_AXES] + [ici[a] for a in MESH_AXES])
+    grid = grid.transpose([i for pair in zip(range(n), range(n, 2 * n)) for i in pair])
+    grid = grid.reshape([dcn[a] * ici[a] for a in MESH_AXES])
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation (shapes only; nothing is compiled)
+# ---------------------------------------------------------------------------------------------------
+
+
+def validate_tensor(layout: Layout, mesh: Mesh, name: str, shape, names):
+  """Raises ValueError if `names` cannot place a tensor of `shape` on `mesh` under `layout`."""
+  seen = {}
+  for dim, logical in zip(shape, names):
+    if logical is None:
+      continue
+    if logical not in LOGICAL_AXES:
+      raise ValueError(f"tensor {name} uses unknown logical axis {logical!r}; valid: "
+                       f"{', '.join(LOGICAL_AXES)}")
+    axes = layout.axes_for(logical)
+    for axis in axes:
+      if axis in seen:
+        raise ValueError(
+            f"layout {layout.source!r}: tensor {name} {tuple(names)} would use mesh axis {axis!r} "
+            f"twice (for {seen[axis]!r} and {logical!r}); map one of them elsewhere")
+      seen[axis] = logical
+    parts = math.prod(mesh.shape[a] for a in axes)
+    if dim % parts:
+      sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+      raise ValueError(
+          f"layout {layout.source!r}: tensor {name} has shape {tuple(shape)} with logical axes "
+          f"{tuple(names)}; its {logical!r} dimension ({dim}) is not divisible by {parts} "
+          f"(mesh axes {sizes}); change the mesh sizes, the layout rule for {logical!r} or the model")
+
+
+def logical_names_of(abstract_state) -> dict:
+  """{'path/to/param': (shape, logical names)} for every array in an abstract nnx State."""
+  out = {}
+  for path, var in nnx.to_flat_state(abstract_state):
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    out["/".join(map(str, path))] = (tuple(var.shape), tuple(names))
+  return out
+
+
+def param_shardings(abstract_state, mesh: Mesh, layout: Layout):
+  """NamedSharding for every parameter of an abstract nnx State, validated first."""
+  for name, (shape, names) in logical_names_of(abstract_state).items():
+    validate_tensor(layout, mesh, name, shape, names)
+  specs = nnx.get_partition_spec(abstract_state)  # logical names, as PartitionSpecs
+  return jax.tree.map(lambda p: NamedSharding(mesh, layout.spec(tuple(p))), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def constrain(x, names):
+  """Pin an activation to the layout active via `nnx.logical_axis_rules`; a no-op without a mesh."""
+  rules = flax_spmd.get_logical_axis_rules()
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return x
+  table = dict(rules)
+  spec = PartitionSpec(*(_spec_entry(tuple(table.get(n) or ())) if n else None for n in names))
+  return jax.lax.with_sharding_constraint(x, spec)

@@ -1,0 +1,68 @@
+"""Pure train and eval steps: (state, batch) -> (state, metrics). No I/O, no Python state.
+
+`state` is {"step": int32 [], "params": nnx.State, "opt_state": optax state}; `batch` is the data
+pipeline's dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 = padding).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from spjax.sharding import constrain
+
+
+def loss_sums(params, graphdef, batch, dropout_key, z_loss: float):
+  """Summed token cross-entropy (+ z-loss) and the token count, so microbatches add up exactly."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                 dropout_key=dropout_key)  # [B, T, V] float32
+  mask = (batch["segment_ids"] > 0).astype(jnp.float32)  # [B, T]
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  nll_sum = jnp.sum((log_z - target_logit) * mask)
+  # z-loss (PaLM) pulls log Z towards 0 so bf16 logits stay in range; added to the objective only.
+  objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * mask)
+  return objective, (nll_sum, jnp.sum(mask))
+
+
+def _microbatches(batch, n: int):
+  """[n*B, T] -> [n, B, T], keeping each device's rows on that device (row = b * n + i)."""
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(x, (None, "batch", "length"))
+  return jax.tree.map(split, batch)
+
+
+def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_steps: int,
+               z_loss: float):
+  params, step = state["params"], state["step"]
+  key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
+  grad_fn = jax.grad(loss_sums, has_aux=True)
+
+  if grad_accum_steps == 1:
+    grads, (nll_sum, tokens) = grad_fn(params, graphdef, batch, key, z_loss)
+  else:
+    def accumulate(carry, xs):
+      i, micro = xs
+      g, (nll, n) = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss)
+      acc_g, acc_nll, acc_n = carry
+      return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll, acc_n + n), None
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    xs = (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))
+    (grads, nll_sum, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), xs)
+
+  tokens = jnp.maximum(tokens, 1.0)
+  grads = jax.tree.map(lambda g: g / tokens, grads)  # mean over every loss-bearing token
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
+               "opt_state": opt_state}
+  metrics = {"loss": nll_sum / tokens, "grad_norm": optax.global_norm(grads),
+             "learning_rate": schedule(step), "tokens": tokens}
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, graphdef):
+  """Summed loss and token count of one batch; the caller divides after summing batches."""
+  _, (nll_sum, tokens) = loss_sums(params, graphdef, batch, None, 0.0)
+  return {"nll_sum": nll_sum, "tokens": tokens}

@@ -1,0 +1,71 @@
+"""FLOPs per token, peak FLOP/s lookup, MetricWriter outputs, config.json."""
+
+import json
+import re
+import types
+
+import jax
+import ml_collections
+import pytest
+
+from spjax import metrics
+
+
+def test_flops_per_token_by_hand():
+  cfg = ml_collections.ConfigDict(dict(
+      vocab_size=100, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+      mlp_dim=32, tie_embeddings=True))
+  # Per layer: q 16*32 + o 32*16 = 1024, k + v 2*16*16 = 512, MLP 3*16*32 = 1536 -> 3072.
+  # N = 2 layers * 3072 + unembedding 16*100 = 7744. Attention: 6 * 2 * 64 * 4 * 8 = 24576.
+  assert metrics.flops_per_token(cfg, seq_len=64) == 6 * 7744 + 24576
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+    ("TPU v5p", 459e12), ("TPU v6 lite", 918e12), ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+])
+def test_peak_flops_table(kind, peak):
+  device = types.SimpleNamespace(device_kind=kind, platform="tpu")
+  assert metrics.peak_flops_per_device(device) == peak
+  assert metrics.peak_flops_per_device(device, override_tflops=2.5) == 2.5e12
+
+
+def test_peak_flops_on_cpu_is_measured_once():
+  cpu = jax.devices()[0]
+  measured = metrics.peak_flops_per_device(cpu)
+  assert 1e8 < measured < 1e15
+  assert metrics.peak_flops_per_device(cpu) == measured  # cached, not re-timed
+
+
+def test_metric_writer_outputs(tmp_path, capsys):
+  writer = metrics.MetricWriter(tmp_path, total_steps=200, is_primary=True)
+  writer.write(10, {"train/loss": 4.5, "train/mfu": 0.25})
+  writer.write(20, {"eval/loss": 4.0, "eval/perplexity": 54.6})
+  writer.progress(110, 4.2, 999.0)
+  writer.progress(120, 4.1234, 12345.4)
+  writer.close()
+
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines == [{"step": 10, "train/loss": 4.5, "train/mfu": 0.25},
+                   {"step": 20, "eval/loss": 4.0, "eval/perplexity": 54.6}]
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+  first, second = capsys.readouterr().out.splitlines()
+  assert first == "step 110/200 | loss 4.200 | 999 tok/s | ETA ?"
+  assert re.fullmatch(r"step 120/200 \| loss 4\.123 \| 12,345 tok/s \| ETA \d+:\d\d:\d\d", second)
+
+
+def test_metric_writer_non_primary_writes_nothing(tmp_path, capsys):
+  writer = metrics.MetricWriter(tmp_path / "run", total_steps=10, is_primary=False)
+  writer.write(1, {"train/loss": 1.0})
+  writer.progress(1, 1.0, 1.0)
+  writer.close()
+  assert not (tmp_path / "run").exists()
+  assert capsys.readouterr().out == ""
+
+
+def test_write_config(tmp_path):
+  config = ml_collections.ConfigDict({"seed": 3, "optimizer": {"name": "adamw"}})
+  metrics.write_config(tmp_path, config)
+  assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
