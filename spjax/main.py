@@ -30,8 +30,27 @@ def main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad flag or config value is one paragraph, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # config files raise whatever their get_config raises
+    chain = [e]
+    while chain[-1].__cause__ or chain[-1].__context__:
+      chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    key_errors = [c for c in chain if isinstance(c, KeyError)]
+    if key_errors:  # a locked ConfigDict refusing a key; the outermost has the did-you-mean
+      message = "unknown config key " + str(key_errors[0].args[0]).replace("\n", ". ")
+    elif "Traceback" in str(e):  # absl pasted the config file's traceback into the message
+      message = str(chain[-1])
+    else:
+      message = str(e)
+    print(f"spjax-train: {message}\nPass --helpfull to see the flags.", file=sys.stderr)
+    sys.exit(2)
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

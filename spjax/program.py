@@ -99,13 +99,13 @@ def build(config, devices=None) -> Program:
   model_cfg = check_config(config)
   layout = sharding.Layout.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)
+  abstract_model = nnx.eval_shape(lambda: model_lib.Transformer(model_cfg, nnx.Rngs(config.seed)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  param_shardings = sharding.param_shardings(abstract_params, mesh, layout)
   micro_batch = config.per_device_batch_size * mesh.size
   for name, (shape, names) in model_lib.activation_shapes(model_cfg, micro_batch,
                                                           config.seq_len).items():
     sharding.validate_tensor(layout, mesh, name, shape, names)
-  abstract_model = nnx.eval_shape(lambda: model_lib.Transformer(model_cfg, nnx.Rngs(config.seed)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  param_shardings = sharding.param_shardings(abstract_params, mesh, layout)
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
                  _state_shardings(abstract_params, param_shardings, tx, mesh, layout),

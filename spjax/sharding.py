@@ -131,7 +131,14 @@ def resolve_mesh_shape(mesh_cfg, layout: Layout, num_devices: int, num_slices: i
   """(ici sizes, dcn sizes) per MESH_AXES from config, layout defaults and the device count.
 
   Config values: 0 = the layout's default (else 1), -1 = fill the remaining devices, n = exactly n.
+  On one physical slice (CPU, one TPU slice) dcn sizes > 1 simulate slices as device blocks.
   """
+  if num_slices == 1:
+    num_slices = math.prod(max(int(mesh_cfg.dcn[a]) or layout.dcn_mesh.get(a, 1), 1)
+                           for a in MESH_AXES)
+    if num_devices % num_slices:
+      raise ValueError(f"mesh.dcn sizes multiply to {num_slices} simulated slices, which does not "
+                       f"divide the {num_devices} devices")
   dcn = _fill("mesh.dcn", mesh_cfg.dcn, layout.dcn_mesh, num_slices)
   ici = _fill("mesh.ici", mesh_cfg.ici, layout.mesh, num_devices // num_slices)
   return ici, dcn
@@ -161,7 +168,7 @@ def _fill(group: str, cfg_sizes, defaults: dict, total: int) -> dict:
 
 
 def _fmt(sizes: dict) -> str:
-  return " x ".join(f"{a}={s}" for a, s in sizes.items() if s != 1) or "all 1"
+  return " x ".join(f"{a}={'fill' if s == -1 else s}" for a, s in sizes.items() if s != 1) or "all 1"
 
 
 def make_mesh(mesh_cfg, layout: Layout, devices=None) -> Mesh:
