@@ -14,18 +14,34 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Saves every `save_every_steps` steps (asynchronously) and keeps the newest `max_to_keep`."""
+  """Saves every `save_every_steps` steps, asynchronously and atomically.
 
-  def __init__(self, workdir: str, *, max_to_keep: int, save_every_steps: int):
+  Keeps the newest `max_to_keep` checkpoints plus, when `keep_every_steps` > 0, every step that is a
+  multiple of it. A save is written to a temporary directory and renamed when complete, so a crash
+  mid-save leaves the previous checkpoints as they were; leftovers are removed at the next start.
+  """
+
+  def __init__(self, workdir: str, *, max_to_keep: int, save_every_steps: int,
+               keep_every_steps: int = 0):
     policies = ocp.checkpoint_managers
+    keep = policies.LatestN(max_to_keep)
+    if keep_every_steps:
+      keep = policies.AnyPreservationPolicy([keep, policies.EveryNSteps(keep_every_steps)])
     self._manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(
             save_decision_policy=policies.FixedIntervalPolicy(save_every_steps),
-            preservation_policy=policies.LatestN(max_to_keep)),
+            preservation_policy=keep, cleanup_tmp_directories=True),
         # Registered up front so a fresh process (a resumed run) can read the metadata of old steps.
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data_iter": grain.checkpoint.CheckpointHandler()})
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the same step once any process got a preemption notice.
+
+    Needs `jax.distributed` (JAX's preemption sync service); single-process runs watch SIGTERM.
+    """
+    return self._manager.reached_preemption(step)
 
   def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
     """Starts saving `state` (and `data_iter`'s position) if `step` is due or `force`; True if so.
@@ -33,6 +49,7 @@ class Checkpointer:
     Returns once the arrays are copied off the devices, so the caller may donate or overwrite them
     while the files are written in the background. The iterator state is captured before returning.
     """
+    self._manager.check_for_errors()  # a failed background save raises here, in the train loop
     if force and step in self._manager.all_steps():
       return False  # already saved on the interval; Orbax refuses to write a step twice
     items = {"state": ocp.args.StandardSave(state)}
@@ -72,8 +89,9 @@ class Checkpointer:
                      f"model shape {wanted.get(first, 'absent')}{more}")
 
   def wait(self) -> None:
-    """Blocks until background saves are on disk."""
+    """Blocks until background saves are on disk; raises if one failed."""
     self._manager.wait_until_finished()
+    self._manager.check_for_errors()
 
   def close(self) -> None:
     self._manager.close()

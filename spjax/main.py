@@ -2,9 +2,15 @@
 
   spjax-train --config=configs/default.py:tiny --workdir=/tmp/run [--config.layout=tp ...]
 
-Bad configuration or input exits with status 2 and one paragraph naming the problem.
+Several processes (one per host, or several on one machine) join through `jax.distributed`: pass
+--coordinator_address/--num_processes/--process_id, or set SPJAX_COORDINATOR_ADDRESS,
+SPJAX_NUM_PROCESSES and SPJAX_PROCESS_ID. On Cloud TPU, --coordinator_address=auto lets JAX find them.
+
+Exit status: 0 done (or preempted with a checkpoint saved); 2 bad configuration or input, with one
+paragraph naming the problem; 3 a non-finite step under config.nan_policy="abort".
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -13,7 +19,20 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: path[:size].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("SPJAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0 for jax.distributed; 'auto' on Cloud TPU; unset = one process.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("SPJAX_NUM_PROCESSES", 1)),
+                                      "Processes in the job (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("SPJAX_PROCESS_ID", 0)),
+                                   "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def fail(message: str, status: int):
+  logging.flush()
+  print(f"spjax-train: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
 
 
 def main(argv):
@@ -21,13 +40,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every step at INFO
-  from spjax import train  # after flag parsing: jax reads XLA_FLAGS on import
+  import jax  # after flag parsing: jax reads XLA_FLAGS on import
+  if _COORDINATOR.value == "auto":
+    jax.distributed.initialize()
+  elif _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from spjax import train
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:
-    logging.flush()
-    print(f"spjax-train: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(e), 2)
+  except train.BadStepError as e:
+    fail(str(e), 3)
 
 
 def _parse_flags(argv):
@@ -45,8 +70,7 @@ def _parse_flags(argv):
       message = str(chain[-1])
     else:
       message = str(e)
-    print(f"spjax-train: {message}\nPass --helpfull to see the flags.", file=sys.stderr)
-    sys.exit(2)
+    fail(f"{message}\nPass --helpfull to see the flags.", 2)
 
 
 def run():

@@ -32,6 +32,11 @@ def check_config(config) -> model_lib.ModelConfig:
       raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
   if config.z_loss < 0:
     raise ValueError(f"config.z_loss must be >= 0, got {config.z_loss}")
+  if config.nan_policy not in ("skip", "abort"):
+    raise ValueError(f"config.nan_policy must be 'skip' or 'abort', got {config.nan_policy!r}")
+  if config.keep_checkpoint_every_steps < 0:
+    raise ValueError(f"config.keep_checkpoint_every_steps must be >= 0, got "
+                     f"{config.keep_checkpoint_every_steps}")
   if config.peak_tflops_per_device < 0:
     raise ValueError(f"config.peak_tflops_per_device must be >= 0, got "
                      f"{config.peak_tflops_per_device}")

@@ -9,15 +9,31 @@ import numpy as np
 
 from spjax import checkpoint as checkpoint_lib
 from spjax import metrics as metrics_lib
+from spjax import preemption
 from spjax import program as program_lib
 from spjax.data import pipeline
 from spjax.data import tokenizer as tokenizer_lib
+
+
+class BadStepError(RuntimeError):
+  """A step had a non-finite loss or gradient and config.nan_policy is "abort"."""
+
+
+def run_dir(config, workdir: str) -> str:
+  """`workdir/run_name`, refusing a run name that would leave `workdir`."""
+  base = os.path.abspath(workdir)
+  path = os.path.abspath(os.path.join(base, config.run_name))
+  if os.path.commonpath([base, path]) != base:
+    raise ValueError(f"config.run_name {config.run_name!r} escapes --workdir {workdir!r}; use a "
+                     "relative name without '..'")
+  return path
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   # ================================================================================================
   # Config, tokenizer, mesh and layout: every check here runs before anything compiles.
   # ================================================================================================
+  workdir = run_dir(config, workdir)
   prog = program_lib.build(config)
   model_cfg, mesh = prog.model_cfg, prog.mesh
   tokenizer = tokenizer_lib.load(config.data.tokenizer)
@@ -38,7 +54,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     metrics_lib.write_config(workdir, config)
   writer = metrics_lib.MetricWriter(workdir, config.num_train_steps, is_primary=primary)
   ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                     save_every_steps=config.checkpoint_every_steps)
+                                     save_every_steps=config.checkpoint_every_steps,
+                                     keep_every_steps=config.keep_checkpoint_every_steps)
+  watcher = preemption.Watcher(ckpt)
 
   # ================================================================================================
   # Data: each process reads its own rows of the global batch.
@@ -78,6 +96,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"perplexity {out['eval/perplexity']:.1f}", flush=True)
       return out
 
+    def log_window(step, window, elapsed):
+      """Writes the mean metrics of the steps since the last log; applies config.nan_policy."""
+      finite = [m for m in window if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])]
+      skipped = int(jax.device_get(state["opt_state"].total_notfinite))  # over the whole run
+      if len(finite) < len(window) and config.nan_policy == "abort":
+        ckpt.save(step, state, train_iter, force=True)  # bad updates were never applied
+        ckpt.wait()
+        raise BadStepError(
+            f"{len(window) - len(finite)} step(s) up to step {step} had a non-finite loss or "
+            f"gradient (config.nan_policy='abort'); their updates were not applied and the state "
+            f"after step {step} is saved in {workdir}/checkpoints. Set config.nan_policy='skip' to "
+            "train through such steps.")
+      tokens_per_sec = len(window) * prog.global_batch * config.seq_len / elapsed
+      out = {
+          "train/loss": float(np.mean([m["loss"] for m in finite])) if finite else float("nan"),
+          "train/grad_norm": float(finite[-1]["grad_norm"]) if finite else float("nan"),
+          "train/learning_rate": float(window[-1]["learning_rate"]),
+          "train/tokens_per_sec": tokens_per_sec,
+          "train/mfu": tokens_per_sec * flops_per_token / peak_flops,
+          "train/skipped_steps": skipped,
+      }
+      writer.write(step, out)
+      writer.progress(step, out["train/loss"], tokens_per_sec)
+      return out
+
     # ==============================================================================================
     # Train loop.
     # ==============================================================================================
@@ -87,26 +130,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
       pending.append(metrics)  # fetched only when logging, so steps stay asynchronous
       done = step + 1
       if done % config.log_every_steps == 0 or done == config.num_train_steps:
-        window = jax.device_get(pending)
-        elapsed = time.perf_counter() - window_start
-        tokens_per_sec = len(window) * prog.global_batch * config.seq_len / elapsed
-        final = {
-            "train/loss": float(np.mean([m["loss"] for m in window])),
-            "train/grad_norm": float(window[-1]["grad_norm"]),
-            "train/learning_rate": float(window[-1]["learning_rate"]),
-            "train/tokens_per_sec": tokens_per_sec,
-            "train/mfu": tokens_per_sec * flops_per_token / peak_flops,
-        }
-        if not all(map(math.isfinite, (final["train/loss"], final["train/grad_norm"]))):
-          raise FloatingPointError(f"loss or gradient norm is not finite at step {done}: {final}")
-        writer.write(done, final)
-        writer.progress(done, final["train/loss"], tokens_per_sec)
+        final = log_window(done, jax.device_get(pending), time.perf_counter() - window_start)
         pending, window_start = [], time.perf_counter()
       if done % config.eval_every_steps == 0 or done == config.num_train_steps:
         final |= evaluate(done)
         window_start = time.perf_counter()  # eval time is not training throughput
-      ckpt.save(done, state, train_iter, force=done == config.num_train_steps)
+      stop = watcher.should_stop(done)
+      ckpt.save(done, state, train_iter, force=stop or done == config.num_train_steps)
+      if stop:
+        if pending:
+          log_window(done, jax.device_get(pending), time.perf_counter() - window_start)
+        if primary:
+          print(f"spjax: preempted; saved step {done}. Rerun the same command to resume.",
+                flush=True)
+        break
 
+  ckpt.wait()
   ckpt.close()
   writer.close()
+  watcher.close()
   return final

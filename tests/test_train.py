@@ -70,29 +70,20 @@ def test_grad_accumulation_matches_one_big_batch():
   np.testing.assert_allclose(accumulated, whole, rtol=1e-5)
 
 
-def test_train_learns_and_resume_continues_the_curve(tmp_path):
-  common = {"log_every_steps": 1, "eval_every_steps": 20, "checkpoint_every_steps": 10,
-            "eval_batches": 2}
-  straight = str(tmp_path / "straight")
-  final = train.train_and_evaluate(tiny(num_train_steps=40, **common), straight)
-  curve = {m["step"]: m["train/loss"] for m in read_metrics(straight) if "train/loss" in m}
-  evals = [m["eval/loss"] for m in read_metrics(straight) if "eval/loss" in m]
+def test_train_learns_on_the_embedded_corpus(tmp_path):
+  workdir = str(tmp_path)
+  final = train.train_and_evaluate(tiny(num_train_steps=40, log_every_steps=1, eval_every_steps=20,
+                                        eval_batches=2), workdir)
+  curve = {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
+  evals = [m["eval/loss"] for m in read_metrics(workdir) if "eval/loss" in m]
+  assert sorted(curve) == list(range(1, 41))
   assert curve[40] < curve[1] - 1.0 and evals[-1] < evals[0] < np.log(1024)
   assert final["eval/perplexity"] == pytest.approx(np.exp(final["eval/loss"]))
   assert {"train/tokens_per_sec", "train/mfu", "train/learning_rate", "train/grad_norm"} <= set(final)
-  assert os.path.exists(os.path.join(straight, "config.json"))
-  assert os.listdir(os.path.join(straight, "tensorboard"))
-
-  resumed = str(tmp_path / "resumed")
-  train.train_and_evaluate(tiny(num_train_steps=20, **common), resumed)
-  cfg = tiny(num_train_steps=40, **common)
-  train.train_and_evaluate(cfg, resumed)  # same workdir: picks up at step 20
-  steps = sorted(os.listdir(os.path.join(resumed, "checkpoints")))
-  assert "20" in steps and "40" in steps
-  again = {m["step"]: m["train/loss"] for m in read_metrics(resumed) if "train/loss" in m}
-  assert sorted(again) == list(range(1, 41))  # nothing retrained, nothing skipped
-  np.testing.assert_allclose([again[s] for s in range(21, 41)],
-                             [curve[s] for s in range(21, 41)], rtol=1e-5)
+  assert 0 < final["train/mfu"] < 1
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["40"]
 
 
 def spjax_train(workdir, *flags):
