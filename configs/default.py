@@ -19,8 +19,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every_steps = 10            # train metrics cadence (metrics.jsonl, TensorBoard, stdout)
   c.eval_every_steps = 100          # also evaluates after the last step
   c.eval_batches = 4                # batches of the held-out split per evaluation
-  c.checkpoint_every_steps = 100    # also saves after the last step
-  c.max_checkpoints_to_keep = 3
+  c.checkpoint_every_steps = 100    # also saves after the last step and when preempted (SIGTERM)
+  c.max_checkpoints_to_keep = 3     # the newest N checkpoints survive...
+  c.keep_checkpoint_every_steps = 0  # ...plus every multiple of this step, for good (0 = none)
+  c.nan_policy = "skip"             # non-finite loss/grads: "skip" the update (train/skipped_steps)
+                                    # or "abort": save the last good state and exit with status 3
+  c.run_name = ""                   # optional subdirectory of --workdir for this run
 
   # Sharding: a preset name (spjax/layouts.py), a "logical:mesh,mesh;..." string, or a rules file.
   c.layout = "fsdp"
@@ -38,9 +42,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.z_loss = 0.0                    # weight of log(Z)^2 (PaLM); keeps logits from drifting in bf16
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"        # "embedded": Python's own docs, shipped with every install
-  c.data.mixture = ""               # domain weights (SlimPajama); unused by the embedded corpus
+  # "embedded" (Python's own docs, shipped with every install), "slimpajama:DIR" (the published
+  # layout, prepared once into cache_dir), "tfds:NAME" (prepared in array_record) or "files:GLOB"
+  # (.jsonl, .jsonl.zst, text). See spjax/data/sources.py.
+  c.data.source = "embedded"
+  # SlimPajama domain token shares: "" = as published, "DC-1".."DC-6" (SlimPajama-DC), or
+  # "CommonCrawl:0.7,GitHub:0.3". Must be "" for sources with one domain.
+  c.data.mixture = ""
   c.data.tokenizer = ""             # SentencePiece .model path; "" = the tokenizer of the embedded corpus
+  c.data.cache_dir = ""             # TFDS data_dir for prepared datasets; "" = ~/tensorflow_datasets
+  c.data.pretokenize = True         # slimpajama: store token ids when preparing (False: keep text)
+  c.data.bad_records = "raise"      # bad input file or line: "raise" naming it, or "skip" and count
 
   c.model = model_lib.SIZES[arg].to_config()
 
