@@ -60,6 +60,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Steps with a complete checkpoint (temporary, half-written ones are not listed)."""
+    return list(self._manager.all_steps())
+
+  def metadata(self, step: int):
+    """The saved state's tree of array metadata (shape, dtype, sharding), read without the data."""
+    return self._manager.item_metadata(step)["state"]
+
   def restore(self, step: int, abstract_state, data_iter=None):
     """Returns the state saved at `step`, laid out as `abstract_state` asks.
 
@@ -76,7 +84,7 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
   def _check_matches(self, step, abstract_state):
-    saved = _shapes(self._manager.item_metadata(step)["state"])
+    saved = _shapes(self.metadata(step))
     wanted = _shapes(abstract_state)
     problems = [p for p in wanted.keys() | saved.keys() if wanted.get(p) != saved.get(p)]
     if not problems:

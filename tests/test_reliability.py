@@ -18,6 +18,7 @@ import pytest
 
 from configs import default
 from spjax import checkpoint, program, train
+from spjax.model import ModelConfig
 from spjax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,3 +255,17 @@ def test_sigterm_stops_two_processes_at_the_same_step(tmp_path):
   assert complete_steps(workdir) == [saved]
   data_files = os.listdir(os.path.join(workdir, "checkpoints", str(saved), "data_iter"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)  # both positions saved
+
+
+def test_inspect_checkpoint_lists_steps_shapes_shardings_and_bytes(runs):
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import inspect_checkpoint
+  straight, _ = runs
+  report = inspect_checkpoint.describe(straight)
+  assert "complete steps 6, 12" in report and "step 12 (saved on mesh fsdp=8)" in report
+  q_line = next(line for line in report.splitlines() if "params/blocks/attn/q " in line)
+  assert q_line.split()[1:] == ["(2,", "128,", "8,", "16)", "float32", "-,fsdp,-,-", "131,072"]
+  expected = ModelConfig.from_config(tiny().model).num_params() * 4 / 2**20  # fp32 params
+  assert f"total params: {expected:,.2f} MiB" in report
+  with pytest.raises(ValueError, match="step 5 has no complete checkpoint"):
+    inspect_checkpoint.describe(straight, step=5)
