@@ -21,6 +21,8 @@ setup(
         "tensorboardX>=2.6.2",
         "tqdm>=4.66",
         "numpy>=2.0",
+        "tensorflow-datasets>=4.9.10",  # SlimPajama builder (array_record; TensorFlow not needed)
+        "zstandard>=0.22",  # SlimPajama's .jsonl.zst
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],

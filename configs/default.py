@@ -53,6 +53,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.cache_dir = ""             # TFDS data_dir for prepared datasets; "" = ~/tensorflow_datasets
   c.data.pretokenize = True         # slimpajama: store token ids when preparing (False: keep text)
   c.data.bad_records = "raise"      # bad input file or line: "raise" naming it, or "skip" and count
+  # Document shards, each packed on its own (0 = one per process). A fixed number (a multiple of
+  # the process count) gives the same global batches whatever the number of processes.
+  c.data.shards = 0
 
   c.model = model_lib.SIZES[arg].to_config()
 

@@ -78,6 +78,8 @@ class Checkpointer:
     """
     self.wait()  # a step still being written has no metadata yet
     self._check_matches(step, abstract_state)
+    if data_iter is not None:
+      self._check_data_positions(step)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -95,6 +97,18 @@ class Checkpointer:
     raise ValueError(f"checkpoint step {step} does not match the model at {first}: "
                      f"checkpoint shape {saved.get(first, 'absent')}, "
                      f"model shape {wanted.get(first, 'absent')}{more}")
+
+  def _check_data_positions(self, step):
+    """Grain keeps one position per process: another process count has none to resume from."""
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    folder = os.path.join(self._manager.directory, str(step), "data_iter")
+    if os.path.isdir(folder) and mine not in os.listdir(folder):
+      saved = sorted(f for f in os.listdir(folder) if f.startswith("process_"))
+      raise ValueError(
+          f"checkpoint step {step} holds the data positions of {len(saved)} process(es) "
+          f"({', '.join(saved)}), not of this run's {jax.process_count()}; the data iterator cannot "
+          f"resume exactly with another process count. Resume with {len(saved)} process(es); "
+          "the arrays themselves restore onto any mesh.")
 
   def wait(self) -> None:
     """Blocks until background saves are on disk; raises if one failed."""

@@ -18,7 +18,8 @@ def _config(**data) -> ml_collections.ConfigDict:
   # Only the fields the pipeline reads, named as in configs/default.py.
   return ml_collections.ConfigDict({
       "seed": 0, "seq_len": SEQ_LEN,
-      "data": {"source": "embedded", "tokenizer": "", **data}})
+      "data": {"source": "embedded", "mixture": "", "tokenizer": "", "cache_dir": "",
+               "pretokenize": True, "bad_records": "raise", "shards": 0, **data}})
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,19 @@ def test_iterator_state_resumes_exact_next_batch(tok):
     got = next(resumed)
     for k in want:
       np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_fixed_shards_give_the_same_global_batches_for_any_process_count(tok):
+  config = _config(shards=4)
+  def global_batches(process_count, steps=3):
+    rows = 16 // process_count
+    its = [iter(pipeline.make_dataset(config, "train", tok, batch_size=rows, process_index=p,
+                                      process_count=process_count)) for p in range(process_count)]
+    return [np.concatenate([next(it)["inputs"] for it in its]) for _ in range(steps)]
+  one, two, four = global_batches(1), global_batches(2), global_batches(4)
+  for a, b, c in zip(one, two, four):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+  with pytest.raises(ValueError, match=r"data.shards \(4\) must be a multiple of the process count "
+                                       r"\(3\)"):
+    pipeline.make_dataset(config, "train", tok, batch_size=4, process_index=0, process_count=3)

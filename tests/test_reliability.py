@@ -269,3 +269,28 @@ def test_inspect_checkpoint_lists_steps_shapes_shardings_and_bytes(runs):
   assert f"total params: {expected:,.2f} MiB" in report
   with pytest.raises(ValueError, match="step 5 has no complete checkpoint"):
     inspect_checkpoint.describe(straight, step=5)
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """2 processes x 4 devices reach the losses of 1 process x 8 devices (fixed data shards)."""
+  flags = ["--config.num_train_steps=4", "--config.data.shards=2", "--config.model.dtype=float32",
+           "--config.checkpoint_every_steps=2"]
+  one = str(tmp_path / "one")
+  single = launch(one, *flags)
+  two = str(tmp_path / "two")
+  port = 20000 + (os.getpid() + 7) % 20000
+  pair = [launch(two, *flags, devices=4, env={"SPJAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                              "SPJAX_NUM_PROCESSES": "2", "SPJAX_PROCESS_ID": str(i)})
+          for i in range(2)]
+  for proc in [single] + pair:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+  a, b = losses(one), losses(two)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+  # Resuming that 2-process checkpoint as one process cannot place the data iterators: say so.
+  proc = launch(two, "--config.num_train_steps=6", "--config.data.shards=2",
+                "--config.model.dtype=float32")
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2 and "data positions of 2 process(es)" in err, err[-2000:]

@@ -35,6 +35,11 @@ class Tokenizer:
   def eos_id(self) -> int:
     return self._sp.eos_id()
 
+  @property
+  def model_proto(self) -> bytes:
+    """The serialized model: what identifies this tokenizer (and rebuilds it in another process)."""
+    return self._sp.serialized_model_proto()
+
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
