@@ -12,8 +12,12 @@ from flax import nnx
 from spjax.sharding import constrain
 
 
-def loss_sums(params, graphdef, batch, dropout_key, z_loss: float):
-  """Summed token cross-entropy (+ z-loss) and the token count, so microbatches add up exactly."""
+def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0):
+  """Summed token cross-entropy (+ z-loss) times `scale`, the unscaled sum, and the token count.
+
+  With `scale` = 1 / (tokens in the whole batch), gradients of microbatches add up to the gradient of
+  the batch's mean loss, with no division pass over the gradients afterwards.
+  """
   model = nnx.merge(graphdef, params)
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                  dropout_key=dropout_key)  # [B, T, V] float32
@@ -23,7 +27,7 @@ def loss_sums(params, graphdef, batch, dropout_key, z_loss: float):
   nll_sum = jnp.sum((log_z - target_logit) * mask)
   # z-loss (PaLM) pulls log Z towards 0 so bf16 logits stay in range; added to the objective only.
   objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * mask)
-  return objective, (nll_sum, jnp.sum(mask))
+  return objective * scale, (nll_sum, jnp.sum(mask))
 
 
 def _microbatches(batch, n: int):
@@ -40,24 +44,24 @@ def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_st
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
   grad_fn = jax.grad(loss_sums, has_aux=True)
 
+  tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
   if grad_accum_steps == 1:
-    grads, (nll_sum, tokens) = grad_fn(params, graphdef, batch, key, z_loss)
+    grads, (nll_sum, _) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
   else:
     def accumulate(carry, xs):
       i, micro = xs
-      g, (nll, n) = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss)
-      acc_g, acc_nll, acc_n = carry
-      return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll, acc_n + n), None
+      g, (nll, _) = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss,
+                            1.0 / tokens)
+      acc_g, acc_nll = carry
+      return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll), None
     zeros = jax.tree.map(jnp.zeros_like, params)
     xs = (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))
-    (grads, nll_sum, tokens), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), xs)
+    (grads, nll_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0), xs)
 
-  tokens = jnp.maximum(tokens, 1.0)
-  grads = jax.tree.map(lambda g: g / tokens, grads)  # mean over every loss-bearing token
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
                "opt_state": opt_state}
-  metrics = {"loss": nll_sum / tokens, "grad_norm": optax.global_norm(grads),
+  metrics = {"loss": nll_sum / tokens, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(step), "tokens": tokens}
   return new_state, metrics
 
