@@ -26,6 +26,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        # HF parity tests and the decode benchmark: CPU torch (2.13.0 is the build this machine
+        # kind ships on disk; a looser pin pulls a multi-GB CUDA build) and transformers.
+        "hf": ["torch==2.13.0", "transformers>=5.17,<6"],
     },
     entry_points={"console_scripts": ["spjax-train=spjax.main:run"]},
 )

@@ -28,7 +28,8 @@ def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float
   """Training FLOPs (forward + backward) per token: `6 * N + 6 * L * T * H * Dh`.
 
   N counts the weights of every matmul: per layer q and o (d_model x H*Dh each), k and v
-  (d_model x KV*Dh each) and the three SwiGLU matrices (d_model x mlp_dim), plus the unembedding
+  (d_model x KV*Dh each) and the MLP's three SwiGLU matrices (two without the gate) of d_model x
+  mlp_dim, plus the unembedding
   (d_model x vocab, counted even when tied: the matmul still runs). The embedding lookup and norms
   do no matmuls. Each weight costs 2 FLOPs per token forward and 4 backward, hence 6 * N.
   Attention scores and the weighted sum of values cost 2 * 2 * T * H * Dh per token per layer
@@ -38,7 +39,7 @@ def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float
   """
   m = model_cfg
   attention = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o, k, v
-  mlp = 3 * m.d_model * m.mlp_dim
+  mlp = (3 if m.gated_mlp else 2) * m.d_model * m.mlp_dim  # SwiGLU, or GeLU's up and down
   n = m.num_layers * (attention + mlp) + m.d_model * m.vocab_size
   return float(6 * n + 6 * m.num_layers * seq_len * m.num_heads * m.head_dim)
 

@@ -60,19 +60,24 @@ _NEVER_GIVE_UP = 2**31 - 1
 
 
 def decay_mask(params):
-  """True for matrices (kernels, embeddings), False for vectors (norm scales, biases).
+  """True for weight matrices (kernels, embeddings), False for norm scales and biases.
 
-  A scanned layer stack adds a leading `layers` axis, so a stacked norm scale is 2-D: when the param
-  carries logical axis names, count the axes other than `layers`; otherwise fall back to `ndim`.
+  Biases are recognised by name (`..._bias`, `bias`): a per-head q bias is [heads, head_dim], 2-D
+  but still a bias. Otherwise a scanned stack's leading `layers` axis must not count, so with logical
+  axis names the axes other than `layers` are counted; without them, `ndim`.
   Returns a prefix of `params` (one bool per param), which `optax.masked` accepts.
   """
-  def is_matrix(leaf) -> bool:
+  def is_matrix(path, leaf) -> bool:
+    name = str(getattr(path[-1], "key", path[-1])) if path else ""
+    if name == "bias" or name.endswith("_bias"):
+      return False
     names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
     if names is not None:
       return len([n for n in names if n != "layers"]) >= 2
     return leaf.ndim >= 2
 
-  return jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(is_matrix, params,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _validate(opt_cfg, num_train_steps):

@@ -14,10 +14,12 @@ from spjax import metrics
 def test_flops_per_token_by_hand():
   cfg = ml_collections.ConfigDict(dict(
       vocab_size=100, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-      mlp_dim=32, tie_embeddings=True))
+      mlp_dim=32, tie_embeddings=True, gated_mlp=True))
   # Per layer: q 16*32 + o 32*16 = 1024, k + v 2*16*16 = 512, MLP 3*16*32 = 1536 -> 3072.
   # N = 2 layers * 3072 + unembedding 16*100 = 7744. Attention: 6 * 2 * 64 * 4 * 8 = 24576.
   assert metrics.flops_per_token(cfg, seq_len=64) == 6 * 7744 + 24576
+  cfg.gated_mlp = False  # GPT-NeoX MLP: up and down only, one 16*32 = 512 matrix fewer per layer
+  assert metrics.flops_per_token(cfg, seq_len=64) == 6 * (7744 - 2 * 512) + 24576
 
 
 @pytest.mark.parametrize("kind, peak", [

@@ -133,3 +133,14 @@ def test_clipping_comes_first():
 def test_bad_values_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
     optim.make_optimizer(_opt_cfg(**{field: value}), num_train_steps=200)
+
+
+def test_biases_are_not_decayed_even_when_2d():
+  from spjax import model as model_lib
+  import dataclasses
+  from flax import nnx
+  cfg = dataclasses.replace(model_lib.SIZES["tiny"], attn_bias=True, mlp_bias=True)
+  _, params = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, nnx.Rngs(0))), nnx.Param)
+  mask = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(optim.decay_mask(params))}
+  assert mask["blocks/attn/q_bias"] is False and mask["blocks/attn/q"] is True
+  assert mask["blocks/mlp/down_bias"] is False and mask["blocks/attn_norm/scale"] is False
