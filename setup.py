@@ -29,6 +29,8 @@ setup(
         # HF parity tests and the decode benchmark: CPU torch (2.13.0 is the build this machine
         # kind ships on disk; a looser pin pulls a multi-GB CUDA build) and transformers.
         "hf": ["torch==2.13.0", "transformers>=5.17,<6"],
+        # libtpu, the TPU compiler tools/aot_tpu.py runs on a CPU for ahead-of-time estimates.
+        "tpu": ["jax[tpu]>=0.10.2"],
     },
     entry_points={"console_scripts": ["spjax-train=spjax.main:run"]},
 )

@@ -1,8 +1,9 @@
 """Named layouts: data, not code. `--config.layout=<name>` picks one.
 
 Each preset is a full rules table (unlisted logical axes are replicated) plus the mesh sizes it was
-designed for; `--config.mesh.ici.<axis>` overrides those sizes. The batch always splits over both
-`data` and `fsdp`: FSDP is data parallelism whose parameters are sharded too.
+designed for; `--config.mesh.ici.<axis>` and `--config.mesh.dcn.<axis>` override those sizes. The
+batch always splits over both `data` and `fsdp`: FSDP is data parallelism whose parameters are
+sharded too.
 """
 
 from spjax.sharding import Layout
@@ -26,4 +27,21 @@ PRESETS = {
     # 2-way tensor parallel inside FSDP: fewer gathers of the largest weights.
     "fsdp_tp": Layout.from_rules(_BATCH | _FSDP | _TENSOR, "fsdp_tp",
                                  mesh={"fsdp": -1, "tensor": 2}),
+    # Sequence (context) parallelism inside FSDP: every activation's `length` splits over
+    # `sequence`, so a device holds T / sequence positions of each row. Attention needs every key
+    # of the row: the partitioner all-gathers keys and values over `sequence` before the scores
+    # (exact, not an approximation). Weights split over `sequence` too, sharing their memory.
+    "fsdp_sp": Layout.from_rules(_BATCH | {"embed": ("fsdp", "sequence"), "length": "sequence"},
+                                 "fsdp_sp", mesh={"fsdp": -1, "sequence": 2}),
+    # Hybrid sharded data parallel: FSDP within a slice (fast ICI), plain data parallelism across
+    # slices (slow DCN), so only one gradient all-reduce per step crosses slices.
+    "hsdp": Layout.from_rules(_BATCH | _FSDP, "hsdp", mesh={"fsdp": -1}, dcn_mesh={"data": -1}),
+    # Tensor parallel weights (as fsdp_tp), but the residual stream between matmuls splits along
+    # d_model over `tensor` instead of being replicated: parameters' `embed` goes to `fsdp` while
+    # activations' `act_embed` goes to `tensor`. Each block's closing all-reduce becomes a
+    # reduce-scatter plus an all-gather (same bytes), and norms and the residual memory shrink by
+    # the tensor size (Megatron sequence parallelism's trade, on d_model because `length` is shared
+    # by every activation).
+    "fsdp_tp_rs": Layout.from_rules(_BATCH | _FSDP | _TENSOR | {"act_embed": "tensor"},
+                                    "fsdp_tp_rs", mesh={"fsdp": -1, "tensor": 2}),
 }

@@ -1,0 +1,190 @@
+"""What a compiled step does, read from its optimized HLO text: collectives, cost-model time.
+
+Works on `compiled.as_text()` of any backend (CPU with simulated devices, TPU compiled ahead of
+time). Counts are *executed* counts: an op inside a `while` body (a scanned layer stack, gradient
+accumulation, a windowed einsum) counts once per iteration of the loop.
+"""
+
+import collections
+import dataclasses
+import math
+import re
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2,
+          "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+          "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+# `%name = <type> opcode(operands), attributes`; the type may be a tuple and hold layouts like
+# {1,0:T(8,128)(2,1)}, so it is matched lazily up to the first ` opcode(`.
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+) .*\{\s*$")
+_COMMENT = re.compile(r"/\*.*?\*/")
+_CALLS = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|called_computations)"
+                    r"=(\{[^}]*\}|%[\w.\-]+)")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_EINSUM = re.compile(r"\(([a-z]+,[a-z]+->[a-z]+)\)")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape written in `text` (a tuple type counts all its elements)."""
+  return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in _SHAPE.findall(text))
+
+
+@dataclasses.dataclass
+class _Instr:
+  name: str
+  type: str
+  opcode: str
+  operands: list  # names of the operand instructions
+  args: str  # the text between the parentheses: a constant's literal
+  attrs: str
+
+
+def _split_operands(rest: str):
+  """'%a, f32[2]{0} %b), attrs' -> (['a', 'b'], '%a, f32[2]{0} %b', ', attrs'): stops at the
+  matching ')'."""
+  depth, end = 0, len(rest)
+  for i, ch in enumerate(rest):
+    depth += ch in "({["
+    if ch in ")}]":
+      if depth == 0:
+        end = i
+        break
+      depth -= 1
+  return re.findall(r"%([\w.\-]+)", rest[:end]), rest[:end], rest[end + 1:]
+
+
+def _parse(hlo_text: str):
+  """{computation: [instructions]} and the name of the entry computation."""
+  computations, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    line = _COMMENT.sub("", line)  # /*index=5*/ markers in long signatures
+    m = _INSTR.match(line)
+    if m and current is not None:
+      computations[current].append(_Instr(m.group(1), m.group(2), m.group(3),
+                                          *_split_operands(m.group(4))))
+      continue
+    c = _COMPUTATION.match(line)
+    if c and "=" not in line.split("{")[0]:
+      current = c.group(1)
+      computations[current] = []
+      if line.lstrip().startswith("ENTRY"):
+        entry = current
+  return computations, entry
+
+
+def _multipliers(computations, entry):
+  """How many times each computation runs per call of the entry (while trip counts multiply)."""
+  times = collections.Counter({entry: 1})
+  order = [entry]
+  for name in order:  # breadth first; HLO call graphs are acyclic
+    for instr in computations.get(name, ()):
+      for kind, callees in _CALLS.findall(instr.attrs):
+        for callee in (c.strip(" {}%") for c in callees.split(",")):
+          if callee not in computations:
+            continue
+          n = _trip_count(instr, computations) if kind == "body" else 1
+          times[callee] += times[name] * n
+          if callee not in order:
+            order.append(callee)
+  return times
+
+
+def _trip_count(loop: _Instr, computations) -> int:
+  """Iterations of a while loop: XLA's known_trip_count where the backend records it (CPU), else
+  the constant its condition compares the counter against (`i < N`: JAX loops count from 0)."""
+  known = _TRIPS.search(loop.attrs)
+  if known:
+    return int(known.group(1))
+  cond = re.search(r"condition=%([\w.\-]+)", loop.attrs)
+  instrs = computations.get(cond.group(1), []) if cond else []
+  constants = {i.name: i.args.strip() for i in instrs if i.opcode == "constant"}
+  for i in instrs:
+    if i.opcode == "compare" and "direction=LT" in i.attrs:
+      bounds = [constants[o] for o in i.operands if constants.get(o, "").isdigit()]
+      if bounds:
+        return int(bounds[0])
+  return 1
+
+
+def _collective_kind(opcode: str):
+  base = opcode.removesuffix("-start")
+  return base if base in COLLECTIVES else None
+
+
+@dataclasses.dataclass
+class Collectives:
+  """Per collective kind: executed count and bytes per device.
+
+  Bytes are the full buffer of each op on one device: the gathered output of an all-gather, the
+  input of a reduce-scatter, the operand of an all-reduce, all-to-all or collective-permute.
+  """
+  count: dict
+  bytes: dict
+
+  def format(self) -> str:
+    return "\n".join(f"  {k:<19} {self.count[k]:>6} ops  {fmt_bytes(self.bytes[k]):>10}"
+                     for k in COLLECTIVES)
+
+
+def collectives(hlo_text: str) -> Collectives:
+  computations, entry = _parse(hlo_text)
+  times = _multipliers(computations, entry)
+  types = {i.name: i.type for instrs in computations.values() for i in instrs}
+  count, nbytes = dict.fromkeys(COLLECTIVES, 0), dict.fromkeys(COLLECTIVES, 0)
+  for comp, instrs in computations.items():
+    for instr in instrs:
+      kind = _collective_kind(instr.opcode)
+      if kind is None or not times[comp]:
+        continue
+      if kind == "all-gather":
+        size = shape_bytes(instr.type) - (shape_bytes(types.get(instr.operands[0], ""))
+                                          if instr.opcode.endswith("-start") else 0)
+      else:  # the operands: for -start ops the result tuple repeats them with extra context
+        size = sum(shape_bytes(types.get(op, "")) for op in instr.operands)
+      count[kind] += times[comp]
+      nbytes[kind] += times[comp] * size
+  return Collectives(count, nbytes)
+
+
+def cycle_totals(hlo_text: str) -> dict:
+  """{category: estimated cycles} from the per-op `estimated_cycles` a TPU compile records: where
+  the cost model thinks the step spends its time. Empty for other backends."""
+  computations, entry = _parse(hlo_text)
+  times = _multipliers(computations, entry)
+  totals = collections.Counter()
+  for comp, instrs in computations.items():
+    for instr in instrs:
+      m = _CYCLES.search(instr.attrs)
+      if m and times[comp]:
+        totals[_category(instr)] += times[comp] * int(m.group(1))
+  return dict(totals)
+
+
+def _category(instr: _Instr) -> str:
+  """A readable bucket for an op: the collective, or the JAX operation it came from (its metadata),
+  e.g. "backward: dot_general btkgd,bskd->bkgts"; compiler-inserted ops go by opcode ("copy")."""
+  kind = _collective_kind(instr.opcode)
+  if kind:
+    return kind
+  m = _OP_NAME.search(instr.attrs)
+  if not m:
+    return instr.opcode
+  path = m.group(1)
+  einsum = _EINSUM.findall(path)
+  phase = "backward" if "transpose(" in path else "forward" if "jvp(" in path else "update"
+  op = re.sub(r"\.\d+$", "", path.rsplit("/", 1)[-1])  # "reshape.29" -> "reshape"
+  return f"{phase}: {op}" + (f" {einsum[-1]}" if einsum else "")
+
+
+def fmt_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    n /= 1024
+

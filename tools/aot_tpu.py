@@ -1,0 +1,222 @@
+"""Compile the real train step for a TPU topology on this CPU (libtpu, no TPU needed) and estimate.
+
+  python tools/aot_tpu.py --config=configs/default.py:1b --topology=v5e:4x4 --json=OUT.json \
+      [--num_slices=2] [--dump_hlo=STEP.hlo.txt] [--config.key=value ...]
+
+Prints and writes per-device memory (arguments, outputs, temporaries; total against the chip's HBM),
+compile time, the collectives of the compiled step, and ESTIMATES of step time and MFU:
+
+- Model FLOPs per step = spjax.metrics.flops_per_token (6 N + 6 L T H Dh: every matmul weight twice
+  forward and four times backward, plus causal attention) x tokens per step.
+- Compute time = the sum over every op the step executes of the cycles XLA's TPU cost model
+  records for it (`estimated_cycles`), over the chip's clock. The cost model costs a scanned loop
+  body once, so ops inside a loop (the layer scan, gradient accumulation) are counted once per
+  iteration of the compiled loop, as if the layers were unrolled (`--config.model.scan_layers=False`
+  compiles them unrolled; tests/test_aot_tpu.py checks the two agree). The cost model leaves
+  collectives out: they run asynchronously beside compute.
+- Collective time = collective bytes / the chip's ICI bandwidth: a lower bound (DCN not modelled).
+- Step time = max(compute, collectives), i.e. collectives hidden behind compute where they fit.
+- Estimated MFU = model FLOPs / (step time x chips x the chip's peak bf16 FLOP/s).
+"""
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from spjax import hlo, metrics, program  # noqa: E402
+
+
+GIB = 1024**3
+# Per chip, from the Cloud TPU datasheets: HBM capacity, TensorCore clock (what the cost model's
+# cycles tick at) and ICI bandwidth (all links, both directions, bytes/s). Peak FLOP/s comes from
+# spjax.metrics, shared with train/mfu.
+CHIPS = {
+    "v4": {"hbm": 32 * GIB, "clock": 1.05e9, "ici": 2400e9 / 8},
+    "v5e": {"hbm": 16 * GIB, "clock": 1.5e9, "ici": 1600e9 / 8},
+    "v5p": {"hbm": 95 * GIB, "clock": 1.75e9, "ici": 4800e9 / 8},
+}
+# Bytes a chip sends per buffer byte of each collective (ring algorithms, large groups).
+_WIRE = {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 2, "all-to-all": 1,
+         "collective-permute": 1}
+
+
+@dataclasses.dataclass
+class Compiled:
+  """One compile: the executable, or the compiler's out-of-memory message."""
+  seconds: float
+  executable: object = None
+  oom: str = ""
+
+
+def compile_step(prog) -> Compiled:
+  start = time.perf_counter()
+  try:
+    with prog.activate():
+      lowered = prog.jit_train_step().lower(prog.abstract_state(), prog.abstract_batch())
+      executable = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return Compiled(time.perf_counter() - start, oom=str(e).splitlines()[0])
+  return Compiled(time.perf_counter() - start, executable)
+
+
+def _oom_bytes(message: str) -> float:
+  """The bytes an out-of-memory message says the program needs ('... temporaries (31.35G) ...')."""
+  m = re.search(r"\((\d+(?:\.\d+)?)([KMGT])\)", message)
+  return float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1) if m else float("nan")
+
+
+def memory(c: Compiled) -> dict:
+  """Per-device bytes of the compiled step. Donated state aliases its outputs: counted once."""
+  if c.oom:
+    return {"total": _oom_bytes(c.oom)}
+  m = c.executable.memory_analysis()
+  parts = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+           "code": m.generated_code_size_in_bytes}
+  parts["total"] = (parts["arguments"] + parts["outputs"] - parts["aliased"] +
+                    parts["temporaries"] + parts["code"])
+  return parts
+
+
+def run(config, topology: str, num_slices: int, hlo_path: str | None = None) -> dict:
+  chip = topology.split(":")[0]
+  if chip not in CHIPS:
+    raise ValueError(f"unknown TPU generation {chip!r} in --topology={topology}; known: "
+                     f"{', '.join(CHIPS)}")
+  devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                         num_slices=num_slices).devices
+  prog = program.build(config, devices)
+  print(f"compiling the step for {topology} ...", file=sys.stderr, flush=True)
+  real = compile_step(prog)
+
+  chips = len(devices)
+  peak = metrics.peak_flops_per_device(devices[0])
+  tokens = prog.global_batch * config.seq_len
+  model_flops = metrics.flops_per_token(config.model, config.seq_len) * tokens
+  result = {
+      "topology": topology, "num_slices": num_slices, "chips": chips,
+      "device_kind": devices[0].device_kind, "peak_tflops_per_chip": peak / 1e12,
+      "layout": prog.layout.source,
+      "mesh": {a: s for a, s in prog.mesh.shape.items() if s > 1},
+      "model": {k: config.model[k] for k in ("d_model", "num_layers", "num_heads", "num_kv_heads",
+                                             "mlp_dim", "vocab_size", "scan_layers",
+                                             "remat_policy", "dtype", "param_dtype")},
+      "params": prog.model_cfg.num_params(),
+      "per_device_batch_size": config.per_device_batch_size, "seq_len": config.seq_len,
+      "grad_accum_steps": config.grad_accum_steps, "tokens_per_step": tokens,
+      "hbm_gib_per_device": CHIPS[chip]["hbm"] / GIB,
+      "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", ""),  # compiler flags, if any
+      "compile_seconds": real.seconds,
+      "model_flops_per_step": model_flops,
+      "estimate_method": "sum of XLA's per-op TPU cost-model cycles over the executed ops (loop "
+                         "bodies once per iteration) / clock, max with collective bytes / ICI "
+                         "bandwidth; an estimate, not a measurement",
+  }
+  mem = memory(real)
+  result["memory_gib_per_device"] = mem["total"] / GIB
+  result["memory_breakdown_gib"] = {k: v / GIB for k, v in mem.items() if k != "total"}
+  result["fits"] = not real.oom and mem["total"] <= CHIPS[chip]["hbm"]
+  if real.oom:
+    result["compile_error"] = real.oom
+    result["estimated_step_seconds"] = result["estimated_mfu"] = None
+    return result
+  text = real.executable.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(text)
+  coll = hlo.collectives(text)
+  cycles = hlo.cycle_totals(text)
+  compute = sum(cycles.values()) / CHIPS[chip]["clock"]
+  comm = sum(_WIRE[k] * b for k, b in coll.bytes.items()) / CHIPS[chip]["ici"]
+  step = max(compute, comm)
+  top = sorted(cycles.items(), key=lambda kv: -kv[1])[:10]
+  result.update(
+      collectives={"count": coll.count, "bytes_per_device": coll.bytes},
+      compute_seconds=compute, collective_seconds_lower_bound=comm,
+      estimated_step_seconds=step, estimated_mfu=model_flops / (step * chips * peak),
+      cost_model_time_shares={k: v / sum(cycles.values()) for k, v in top})
+  return result
+
+
+def table(r: dict) -> str:
+  m = r["model"]
+  mesh = " x ".join(f"{a}={s}" for a, s in r["mesh"].items()) or "1 device"
+  fit = "fits" if r["fits"] else "DOES NOT FIT"
+  lines = [
+      f"{r['topology']} x{r['num_slices']} slice(s): {r['chips']} chips ({r['device_kind']}, "
+      f"{r['peak_tflops_per_chip']:.0f} TFLOP/s bf16, {r['hbm_gib_per_device']:.0f} GiB HBM)",
+      f"model {r['params'] / 1e9:.2f}B params, d_model {m['d_model']}, {m['num_layers']} layers, "
+      f"scan_layers={m['scan_layers']}, remat={m['remat_policy']}; batch "
+      f"{r['per_device_batch_size']}/device x {r['seq_len']} x {r['grad_accum_steps']} accum = "
+      f"{r['tokens_per_step']:,} tokens/step",
+      f"layout {r['layout']}, mesh {mesh}" + (f", LIBTPU_INIT_ARGS={r['libtpu_init_args']}"
+                                              if r["libtpu_init_args"] else ""),
+      "",
+      f"  compile time                     {r['compile_seconds']:10.1f} s",
+      f"  memory per device                {r['memory_gib_per_device']:10.2f} GiB of "
+      f"{r['hbm_gib_per_device']:.0f} GiB HBM: {fit}",
+  ]
+  lines += [f"    {k:<30} {v:10.2f} GiB" for k, v in r["memory_breakdown_gib"].items()]
+  if "compile_error" in r:
+    return "\n".join(lines + [f"  compiler: {r['compile_error']}"])
+  lines += [
+      f"  model FLOPs per step             {r['model_flops_per_step']:10.4g}",
+      f"  ESTIMATE compute (cost model)    {r['compute_seconds']:10.4g} s",
+      f"  ESTIMATE collectives (ICI, min)  {r['collective_seconds_lower_bound']:10.4g} s",
+      f"  ESTIMATE step time               {r['estimated_step_seconds']:10.4g} s",
+      f"  ESTIMATE MFU                     {r['estimated_mfu']:10.3f}",
+      "  where the cost model spends the step (share of compute cycles):",
+  ]
+  lines += [f"    {k:<50} {v:6.1%}" for k, v in r["cost_model_time_shares"].items()]
+  lines.append("  collectives (executed count, buffer bytes per device):")
+  for k, n in r["collectives"]["count"].items():
+    size = hlo.fmt_bytes(r["collectives"]["bytes_per_device"][k])
+    lines.append(f"    {k:<20} {n:6d}  {size:>10}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # libtpu compiles for a described topology without TPU hardware; these stop it from asking a
+  # metadata server. Several compile-only processes may share one machine.
+  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-16"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(key, value)
+  jax.config.update("jax_platforms", "cpu")  # the default backend; TPU only as a compile target
+  try:
+    result = run(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, _DUMP_HLO.value)
+  except ValueError as e:
+    print(f"aot_tpu: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(table(result))
+  if _JSON.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  # Flags exist only when run as a script, so tests can import several tools' functions.
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: path[:size].",
+                                            lock_config=True)
+  _TOPOLOGY = flags.DEFINE_string("topology", None,
+                                  "TPU topology, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x2.")
+  _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology joined over DCN "
+                                     "(config.mesh.dcn.* places axes across them).")
+  _JSON = flags.DEFINE_string("json", None, "Also write the result here as JSON.")
+  _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Also write the compiled step's HLO text here.")
+  flags.mark_flags_as_required(["config", "topology"])
+  app.run(main)
