@@ -10,13 +10,17 @@ compile time, the collectives of the compiled step, and ESTIMATES of step time a
   forward and four times backward, plus causal attention) x tokens per step.
 - Compute time = the sum over every op the step executes of the cycles XLA's TPU cost model
   records for it (`estimated_cycles`), over the chip's clock. The cost model costs a scanned loop
-  body once, so ops inside a loop (the layer scan, gradient accumulation) are counted once per
-  iteration of the compiled loop, as if the layers were unrolled (`--config.model.scan_layers=False`
-  compiles them unrolled; tests/test_aot_tpu.py checks the two agree). The cost model leaves
-  collectives out: they run asynchronously beside compute.
+  body once, so ops inside a loop (the layer scan, gradient accumulation, windowed einsums) are
+  counted once per iteration of the compiled loop, as if unrolled.
+  (`--config.model.scan_layers=False` compiles the layers unrolled: on the tiny model, where the
+  scan's own bookkeeping weighs most, the scanned estimate is 31% above the unrolled one.) The
+  cost model leaves collectives out: they run asynchronously beside compute.
 - Collective time = collective bytes / the chip's ICI bandwidth: a lower bound (DCN not modelled).
 - Step time = max(compute, collectives), i.e. collectives hidden behind compute where they fit.
 - Estimated MFU = model FLOPs / (step time x chips x the chip's peak bf16 FLOP/s).
+
+Compiler flags go through the environment as usual (`LIBTPU_INIT_ARGS=...`) and are recorded in the
+JSON, e.g. windowed einsum off for FSDP on v5e (BENCHMARKS.md).
 """
 
 import dataclasses
@@ -35,11 +39,11 @@ from ml_collections import config_flags  # noqa: E402
 
 from spjax import hlo, metrics, program  # noqa: E402
 
-
 GIB = 1024**3
 # Per chip, from the Cloud TPU datasheets: HBM capacity, TensorCore clock (what the cost model's
 # cycles tick at) and ICI bandwidth (all links, both directions, bytes/s). Peak FLOP/s comes from
-# spjax.metrics, shared with train/mfu.
+# spjax.metrics, shared with train/mfu. (On v4 a lone matmul is costed at ~45% of the chip's peak,
+# as if on one of its two TensorCores: treat v4 estimates as pessimistic.)
 CHIPS = {
     "v4": {"hbm": 32 * GIB, "clock": 1.05e9, "ici": 2400e9 / 8},
     "v5e": {"hbm": 16 * GIB, "clock": 1.5e9, "ici": 1600e9 / 8},
