@@ -232,12 +232,19 @@ def logical_names_of(abstract_state) -> dict:
 
 
 def param_shardings(abstract_state, mesh: Mesh, layout: Layout):
-  """NamedSharding for every parameter of an abstract nnx State, validated first."""
+  """NamedSharding for every parameter of an abstract nnx State, validated first.
+
+  Read from each param's logical names (its `out_sharding` metadata), not from
+  `nnx.get_partition_spec`: with flax logical rules active that returns mesh axes already, which a
+  layout cannot translate again, so every parameter would silently replicate.
+  """
   for name, (shape, names) in logical_names_of(abstract_state).items():
     validate_tensor(layout, mesh, name, shape, names)
-  specs = nnx.get_partition_spec(abstract_state)  # logical names, as PartitionSpecs
-  return jax.tree.map(lambda p: NamedSharding(mesh, layout.spec(tuple(p))), specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+  def place(var):
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return var.replace(NamedSharding(mesh, layout.spec(names)))
+  return jax.tree.map(place, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def constrain(x, names):

@@ -167,3 +167,12 @@ def test_dcn_axes_multiply_into_the_mesh_with_slices_outermost():
 def test_bad_top_level_values_name_the_field(key, value):
   with pytest.raises(ValueError, match=f"config.{key}"):
     program.build(tiny(**{key: value}))
+
+
+def test_param_shardings_are_the_same_with_flax_rules_active():
+  """Under active rules nnx.get_partition_spec already gives mesh axes; placement must not change."""
+  from spjax import sharding
+  prog = program.build(tiny(layout="fsdp_tp"))
+  with prog.activate():
+    inside = sharding.param_shardings(prog.abstract_params, prog.mesh, prog.layout)
+  assert inside == prog.state_shardings["params"]

@@ -5,9 +5,8 @@ or `jax.set_mesh` + `nnx.logical_axis_rules`), so a model too big for one device
 """
 
 import jax
-from flax import nnx
 from flax.core import spmd as flax_spmd
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from spjax import sharding
 
@@ -19,11 +18,4 @@ def target_shardings(abstract_params):
     device = SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda _: device, abstract_params)
   layout = sharding.Layout.from_rules(dict(rules), "the active layout")
-  for name, (shape, names) in sharding.logical_names_of(abstract_params).items():
-    sharding.validate_tensor(layout, mesh, name, shape, names)  # ValueError names the tensor
-
-  # From each param's logical names, not nnx.get_partition_spec: under active rules that returns
-  # mesh axes already, which a layout cannot translate again.
-  def place(var):
-    return var.replace(NamedSharding(mesh, layout.spec(var.get_metadata()["out_sharding"])))
-  return jax.tree.map(place, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return sharding.param_shardings(abstract_params, mesh, layout)  # ValueError names a bad tensor
