@@ -166,6 +166,19 @@ def cycle_totals(hlo_text: str) -> dict:
   return dict(totals)
 
 
+def kernel_calls(hlo_text: str) -> dict:
+  """{kernel name: executed count} of the Pallas/Mosaic kernels (`tpu_custom_call`) in a TPU
+  program, e.g. {"splash_mha_fwd_segmented_residuals": 32}. The cost model gives these no cycles."""
+  computations, entry = _parse(hlo_text)
+  times = _multipliers(computations, entry)
+  calls = collections.Counter()
+  for comp, instrs in computations.items():
+    for instr in instrs:
+      if instr.opcode == "custom-call" and '"tpu_custom_call"' in instr.attrs and times[comp]:
+        calls[re.sub(r"\.\d+$", "", instr.name)] += times[comp]
+  return dict(calls)
+
+
 def _category(instr: _Instr) -> str:
   """A readable bucket for an op: the collective, or the JAX operation it came from (its metadata),
   e.g. "backward: dot_general btkgd,bskd->bkgts"; compiler-inserted ops go by opcode ("copy")."""

@@ -27,13 +27,21 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from spjax import attention as attention_lib
 from spjax.sharding import constrain
 
+_CP = jax.checkpoint_policies
+# The matmul policies also keep what the splash kernel's backward reads (its output and log-sum-exp,
+# named "attention"), so the fused attention is not run forward twice.
+_KEEP_ATTENTION = _CP.save_only_these_names(attention_lib.RESIDUALS)
 REMAT_POLICIES = {
     "none": None,  # keep every activation for the backward pass
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _CP.nothing_saveable,  # recompute the whole block
+    # keep matmul outputs (with batch dims: attention scores too), recompute the rest
+    "save_dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _KEEP_ATTENTION),
+    # keep the projections' outputs; recompute einsum attention from q, k and v
+    "save_dots_no_batch": _CP.save_from_both_policies(_CP.dots_with_no_batch_dims_saveable,
+                                                      _KEEP_ATTENTION),
 }
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -68,6 +76,7 @@ class ModelConfig:
   param_dtype: str = "float32"   # storage dtype of parameters (and optimizer moments)
   scan_layers: bool = True       # nnx.scan over a stacked layer axis: compile time independent of L
   remat_policy: str = "none"     # one of REMAT_POLICIES
+  attention: str = "xla"         # xla (einsums, any backend) | splash (fused Pallas kernel, TPU)
 
   @property
   def rotary_dim(self) -> int:
@@ -106,6 +115,12 @@ class ModelConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"model.remat_policy {self.remat_policy!r} is not one of "
                        f"{', '.join(REMAT_POLICIES)}")
+    if self.attention not in attention_lib.IMPLS:
+      raise ValueError(f"model.attention {self.attention!r} is not one of "
+                       f"{', '.join(attention_lib.IMPLS)}")
+    if self.attention == "splash" and self.dropout_rate:
+      raise ValueError(f"model.attention='splash' has no attention dropout; set model.dropout_rate "
+                       f"to 0 (got {self.dropout_rate}) or use model.attention='xla'")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"model.{name} must be float32, bfloat16 or float16, "
@@ -250,6 +265,9 @@ class Attention(nnx.Module):
                   ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
 
+    if cache is None and cfg.attention == "splash":
+      return self._output(attention_lib.splash(q, k, v, segment_ids)), None
+
     b, t, h, dh = q.shape
     groups = h // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, groups, dh)  # [B, T, K, G, Dh]
@@ -274,10 +292,13 @@ class Attention(nnx.Module):
     probs = dropout(probs, cfg.dropout_rate, key)
     spec = "bkgts,bskd->btkgd" if cache is None else "bkgts,bkds->btkgd"
     out = jnp.einsum(spec, probs, v).reshape(b, t, h, dh)  # [B, T, H, Dh]
+    return self._output(out), None if cache is None else (k, v)
+
+  def _output(self, out):  # [B, T, H, Dh] -> [B, T, D]
+    dt = jnp.dtype(self.cfg.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
-    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))  # [B, T, D]
-    out = out + self.o_bias[...].astype(dt) if cfg.attn_bias else out
-    return out, None if cache is None else (k, v)
+    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    return out + self.o_bias[...].astype(dt) if self.cfg.attn_bias else out
 
 
 class MLP(nnx.Module):

@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from spjax import attention
 from spjax import model as model_lib
 from spjax import optim
 from spjax import sharding
@@ -103,12 +104,14 @@ class Program:
     c = self.config
     fn = functools.partial(step_lib.train_step, graphdef=self.graphdef, tx=self.tx,
                            schedule=self.schedule, seed=c.seed,
-                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss)
+                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss,
+                           compute_dtype=self.model_cfg.dtype)
     return jax.jit(self._under_layout(fn), in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
   def jit_eval_step(self):
-    return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef)),
+    return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef,
+                                                    compute_dtype=self.model_cfg.dtype)),
                    in_shardings=(self.state_shardings["params"], self.batch_sharding))
 
 
@@ -124,6 +127,12 @@ def build(config, devices=None) -> Program:
   for name, (shape, names) in model_lib.activation_shapes(model_cfg, micro_batch,
                                                           config.seq_len).items():
     sharding.validate_tensor(layout, mesh, name, shape, names)
+  if model_cfg.attention == "splash":
+    attention.check_seq_len(config.seq_len)
+    attention.check_layout(layout, mesh)
+    if mesh.devices.flat[0].platform == "gpu":
+      raise ValueError("model.attention='splash' is a TPU kernel (elsewhere it runs in Pallas' "
+                       "interpreter, for tests); use model.attention='xla' on GPU")
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
                  _state_shardings(abstract_params, param_shardings, tx, mesh, layout),

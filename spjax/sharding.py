@@ -247,11 +247,17 @@ def param_shardings(abstract_state, mesh: Mesh, layout: Layout):
   return jax.tree.map(place, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def constrain(x, names):
-  """Pin an activation to the layout active via `nnx.logical_axis_rules`; a no-op without a mesh."""
+def logical_spec(names) -> PartitionSpec | None:
+  """The PartitionSpec of logical `names` under the rules active via `nnx.logical_axis_rules`, or
+  None when no rules and mesh are active (tracing for one device)."""
   rules = flax_spmd.get_logical_axis_rules()
   if not rules or jax.sharding.get_abstract_mesh().empty:
-    return x
+    return None
   table = dict(rules)
-  spec = PartitionSpec(*(_spec_entry(tuple(table.get(n) or ())) if n else None for n in names))
-  return jax.lax.with_sharding_constraint(x, spec)
+  return PartitionSpec(*(_spec_entry(tuple(table.get(n) or ())) if n else None for n in names))
+
+
+def constrain(x, names):
+  """Pin an activation to the layout active via `nnx.logical_axis_rules`; a no-op without a mesh."""
+  spec = logical_spec(names)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)

@@ -64,6 +64,11 @@ def test_layouts_give_the_same_losses_and_init(dp_run, layout):
     assert q.addressable_shards[0].data.shape == (2, 16, 8, 16)  # embed 128 / 8 devices
 
 
+def test_splash_attention_under_tensor_and_fsdp_sharding_gives_the_dp_losses(dp_run):
+  losses, _, _ = run_layout("fsdp_tp", **{"model.attention": "splash"})
+  np.testing.assert_allclose(losses, dp_run[0], rtol=1e-5)
+
+
 def test_grad_accumulation_matches_one_big_batch():
   whole, _, _ = run_layout("fsdp", steps=3, per_device_batch_size=4)
   accumulated, _, _ = run_layout("fsdp", steps=3, per_device_batch_size=2, grad_accum_steps=2)

@@ -25,6 +25,7 @@ JSON, e.g. windowed einsum off for FSDP on v5e (BENCHMARKS.md).
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -37,7 +38,7 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from spjax import hlo, metrics, program  # noqa: E402
+from spjax import attention, hlo, metrics, program  # noqa: E402
 
 GIB = 1024**3
 # Per chip, from the Cloud TPU datasheets: HBM capacity, TensorCore clock (what the cost model's
@@ -94,7 +95,19 @@ def memory(c: Compiled) -> dict:
   return parts
 
 
-def run(config, topology: str, num_slices: int, hlo_path: str | None = None) -> dict:
+def kernel_seconds(prog, calls: dict, flops_per_second: float) -> dict:
+  """{kernel: seconds per step} for the Pallas kernels the step runs, which XLA's cost model leaves
+  at zero: their FLOPs (spjax.attention.kernel_flops) at an assumed rate."""
+  cfg, mesh, layout = prog.model_cfg, prog.mesh, prog.layout
+  shards = lambda logical: math.prod(mesh.shape[a] for a in layout.axes_for(logical))
+  rows = prog.config.per_device_batch_size * mesh.size // shards("batch")
+  heads = cfg.num_heads // shards("act_heads")
+  return {name: n * attention.kernel_flops(name, rows, heads, prog.config.seq_len, cfg.head_dim)
+          / flops_per_second for name, n in calls.items()}
+
+
+def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
+        kernel_efficiency: float = 0.5) -> dict:
   chip = topology.split(":")[0]
   if chip not in CHIPS:
     raise ValueError(f"unknown TPU generation {chip!r} in --topology={topology}; known: "
@@ -142,12 +155,15 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None) -> 
       f.write(text)
   coll = hlo.collectives(text)
   cycles = hlo.cycle_totals(text)
+  kernels = kernel_seconds(prog, hlo.kernel_calls(text), peak * kernel_efficiency)
+  cycles.update({f"kernel: {k}": s * CHIPS[chip]["clock"] for k, s in kernels.items()})
   compute = sum(cycles.values()) / CHIPS[chip]["clock"]
   comm = sum(_WIRE[k] * b for k, b in coll.bytes.items()) / CHIPS[chip]["ici"]
   step = max(compute, comm)
   top = sorted(cycles.items(), key=lambda kv: -kv[1])[:10]
   result.update(
       collectives={"count": coll.count, "bytes_per_device": coll.bytes},
+      kernel_seconds=kernels, kernel_efficiency=kernel_efficiency if kernels else None,
       compute_seconds=compute, collective_seconds_lower_bound=comm,
       estimated_step_seconds=step, estimated_mfu=model_flops / (step * chips * peak),
       cost_model_time_shares={k: v / sum(cycles.values()) for k, v in top})
@@ -178,6 +194,8 @@ def table(r: dict) -> str:
   lines += [
       f"  model FLOPs per step             {r['model_flops_per_step']:10.4g}",
       f"  ESTIMATE compute (cost model)    {r['compute_seconds']:10.4g} s",
+      *(f"    of which Pallas {k:<20} {v:10.4g} s  (assumed {r['kernel_efficiency']:.0%} of peak)"
+        for k, v in r["kernel_seconds"].items()),
       f"  ESTIMATE collectives (ICI, min)  {r['collective_seconds_lower_bound']:10.4g} s",
       f"  ESTIMATE step time               {r['estimated_step_seconds']:10.4g} s",
       f"  ESTIMATE MFU                     {r['estimated_mfu']:10.3f}",
@@ -201,7 +219,8 @@ def main(argv):
     os.environ.setdefault(key, value)
   jax.config.update("jax_platforms", "cpu")  # the default backend; TPU only as a compile target
   try:
-    result = run(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, _DUMP_HLO.value)
+    result = run(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, _DUMP_HLO.value,
+                 _KERNEL_EFFICIENCY.value)
   except ValueError as e:
     print(f"aot_tpu: {e}", file=sys.stderr)
     sys.exit(2)
@@ -222,5 +241,8 @@ if __name__ == "__main__":
                                      "(config.mesh.dcn.* places axes across them).")
   _JSON = flags.DEFINE_string("json", None, "Also write the result here as JSON.")
   _DUMP_HLO = flags.DEFINE_string("dump_hlo", None, "Also write the compiled step's HLO text here.")
+  _KERNEL_EFFICIENCY = flags.DEFINE_float(
+      "kernel_efficiency", 0.5, "Fraction of peak FLOP/s assumed for Pallas kernels (splash "
+      "attention), which the cost model does not cost.")
   flags.mark_flags_as_required(["config", "topology"])
   app.run(main)
