@@ -104,14 +104,12 @@ class Program:
     c = self.config
     fn = functools.partial(step_lib.train_step, graphdef=self.graphdef, tx=self.tx,
                            schedule=self.schedule, seed=c.seed,
-                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss,
-                           compute_dtype=self.model_cfg.dtype)
+                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss)
     return jax.jit(self._under_layout(fn), in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
   def jit_eval_step(self):
-    return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef,
-                                                    compute_dtype=self.model_cfg.dtype)),
+    return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef)),
                    in_shardings=(self.state_shardings["params"], self.batch_sharding))
 
 

@@ -4,8 +4,6 @@
 pipeline's dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 = padding).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,25 +12,13 @@ from flax import nnx
 from spjax.sharding import constrain
 
 
-def to_compute_dtype(params, dtype):
-  """Floating params cast to the compute dtype once, on their shards, before the model reads them.
-
-  Each layer would cast its weights anyway; casting first means that under FSDP the weights are
-  gathered in bf16, not fp32: half the collective bytes and half the gathered-weight memory.
-  Gradients flow back through the cast, so they and the master weights stay in param_dtype.
-  """
-  dtype = jnp.dtype(dtype)
-  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
-                      params)
-
-
-def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, compute_dtype=None):
+def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0):
   """Summed token cross-entropy (+ z-loss) times `scale`, the unscaled sum, and the token count.
 
   With `scale` = 1 / (tokens in the whole batch), gradients of microbatches add up to the gradient of
   the batch's mean loss, with no division pass over the gradients afterwards.
   """
-  model = nnx.merge(graphdef, to_compute_dtype(params, compute_dtype) if compute_dtype else params)
+  model = nnx.merge(graphdef, params)
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                  dropout_key=dropout_key)  # [B, T, V] float32
   mask = (batch["segment_ids"] > 0).astype(jnp.float32)  # [B, T]
@@ -53,10 +39,10 @@ def _microbatches(batch, n: int):
 
 
 def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_steps: int,
-               z_loss: float, compute_dtype: str | None = None):
+               z_loss: float):
   params, step = state["params"], state["step"]
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
-  grad_fn = functools.partial(jax.grad(loss_sums, has_aux=True), compute_dtype=compute_dtype)
+  grad_fn = jax.grad(loss_sums, has_aux=True)
 
   tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
   if grad_accum_steps == 1:
@@ -80,8 +66,7 @@ def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_st
   return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef, compute_dtype: str | None = None):
+def eval_step(params, batch, *, graphdef):
   """Summed loss and token count of one batch; the caller divides after summing batches."""
-  _, (nll_sum, tokens) = loss_sums(params, graphdef, batch, None, 0.0,
-                                   compute_dtype=compute_dtype)
+  _, (nll_sum, tokens) = loss_sums(params, graphdef, batch, None, 0.0)
   return {"nll_sum": nll_sum, "tokens": tokens}
