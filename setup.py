@@ -32,5 +32,7 @@ setup(
         # libtpu, the TPU compiler tools/aot_tpu.py runs on a CPU for ahead-of-time estimates.
         "tpu": ["jax[tpu]>=0.10.2"],
     },
-    entry_points={"console_scripts": ["spjax-train=spjax.main:run"]},
+    entry_points={"console_scripts": ["spjax-train=spjax.main:run",
+                                      "spjax-generate=spjax.generate:run",
+                                      "spjax-convert-hf=spjax.convert.export:run"]},
 )

@@ -1,10 +1,10 @@
 """Export a trained spjax checkpoint as a Hugging Face model directory.
 
-  python tools/convert_hf.py --workdir=/tmp/run --out=/tmp/run_hf [--step=N]
+  spjax-convert-hf --workdir=/tmp/run --out=/tmp/run_hf [--step=N]
 
 Writes OUT/config.json (LlamaForCausalLM, or GPTNeoXForCausalLM for a NeoX-shaped model),
 OUT/model.safetensors and OUT/tokenizer.model (the run's SentencePiece model), so that
-`transformers.AutoModelForCausalLM.from_pretrained(OUT)` and `tools/generate.py --hf_dir=OUT` load it.
+`transformers.AutoModelForCausalLM.from_pretrained(OUT)` and `spjax-generate --hf_dir=OUT` load it.
 The other direction needs no tool: `spjax.convert.hf.from_pretrained(hf_dir)` reads HF directories.
 """
 
@@ -44,6 +44,9 @@ def main(argv):
         f"({model_cfg.num_params() / 1e6:.1f}M params) to {_OUT.value}")
 
 
-if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
+def run():
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

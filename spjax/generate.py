@@ -1,7 +1,7 @@
 """Print completions of prompts from a trained spjax workdir or a Hugging Face checkpoint.
 
-  python tools/generate.py --workdir=/tmp/run --prompt="def main(" --max_new_tokens=64
-  python tools/generate.py --hf_dir=path/to/llama --prompt="The capital of France is" \
+  spjax-generate --workdir=/tmp/run --prompt="def main(" --max_new_tokens=64
+  spjax-generate --hf_dir=path/to/llama --prompt="The capital of France is" \
       --temperature=0.8 --top_k=40 --top_p=0.95
 
 The model is placed on the local devices under a layout (the run's own by default) and decoded with
@@ -100,6 +100,9 @@ def generate():
     yield prompt + decode_text(ids)
 
 
-if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # no install needed
+def run():
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()
