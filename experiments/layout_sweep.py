@@ -130,7 +130,8 @@ def main(argv):
   size = next(a for a in sys.argv if a.startswith("--config=")).split(":")[-1]  # e.g. "1b"
   name = _NAME.value or f"layout_sweep_{size}_{_TOPOLOGY.value.replace(':', '-')}"
   title = (f"{size} on {_TOPOLOGY.value} x{_NUM_SLICES.value}: batch "
-           f"{config.per_device_batch_size}/device x {config.seq_len}")
+           f"{config.per_device_batch_size}/device x {config.seq_len} x {config.grad_accum_steps} "
+           f"accum, {config.model.attention} attention")
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   args = [a for a in config_args(sys.argv[1:])
           if not a.startswith(("--config.layout=", "--config.model.remat_policy="))]

@@ -3,7 +3,6 @@
 import itertools
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -11,15 +10,13 @@ from spjax.data import embedded
 from spjax.data import pipeline
 from spjax.data import tokenizer as tokenizer_lib
 
+from data_config import data_config
+
 SEQ_LEN = 128
 
 
-def _config(**data) -> ml_collections.ConfigDict:
-  # Only the fields the pipeline reads, named as in configs/default.py.
-  return ml_collections.ConfigDict({
-      "seed": 0, "seq_len": SEQ_LEN,
-      "data": {"source": "embedded", "mixture": "", "tokenizer": "", "cache_dir": "",
-               "pretokenize": True, "bad_records": "raise", "shards": 0, **data}})
+def _config(**data):
+  return data_config(SEQ_LEN, **data)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import itertools
 import json
 import re
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -14,14 +13,13 @@ from spjax.data import files
 from spjax.data import pipeline
 from spjax.data import tokenizer as tokenizer_lib
 
+from data_config import data_config
+
 SEQ_LEN = 64  # longer than every document here: each is one piece
 
 
-def _config(source, cache_dir="", **data) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "seed": 0, "seq_len": SEQ_LEN,
-      "data": {"source": source, "mixture": "", "tokenizer": "", "cache_dir": str(cache_dir),
-               "pretokenize": True, "bad_records": "raise", "shards": 0, **data}})
+def _config(source, cache_dir="", **data):
+  return data_config(SEQ_LEN, source=source, cache_dir=cache_dir, **data)
 
 
 @pytest.fixture(scope="module")

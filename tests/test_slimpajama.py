@@ -6,7 +6,6 @@ import json
 import os
 import re
 
-import ml_collections
 import numpy as np
 import pytest
 import zstandard
@@ -18,15 +17,14 @@ from spjax.data import sampling
 from spjax.data import synthetic
 from spjax.data import tokenizer as tokenizer_lib
 
+from data_config import data_config
+
 SEQ_LEN = 64
 MIXTURE = "CommonCrawl:0.4,C4:0.3,Book:0.2,GitHub:0.1"
 
 
-def _config(source, cache_dir, **data) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "seed": 0, "seq_len": SEQ_LEN,
-      "data": {"source": source, "mixture": "", "tokenizer": "", "cache_dir": str(cache_dir),
-               "pretokenize": True, "bad_records": "raise", "shards": 0, **data}})
+def _config(source, cache_dir, **data):
+  return data_config(SEQ_LEN, source=source, cache_dir=cache_dir, **data)
 
 
 @pytest.fixture(scope="module")
