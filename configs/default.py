@@ -25,6 +25,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.nan_policy = "skip"             # non-finite loss/grads: "skip" the update (train/skipped_steps)
                                     # or "abort": save the last good state and exit with status 3
   c.run_name = ""                   # optional subdirectory of --workdir for this run
+  c.init_from = ""                  # Hugging Face model dir whose weights start a new run (fine-tuning);
+                                    # model.* must describe it. Ignored once the run has a checkpoint.
 
   # Sharding: a preset name (spjax/layouts.py), a "logical:mesh,mesh;..." string, or a rules file.
   c.layout = "fsdp"

@@ -21,6 +21,7 @@ from spjax import model as model_lib
 from spjax import optim
 from spjax import sharding
 from spjax import step as step_lib
+from spjax.convert import hf
 
 
 def check_config(config) -> model_lib.ModelConfig:
@@ -81,14 +82,25 @@ class Program:
         return fn(*args, **kwargs)
     return traced
 
-  def init_state(self):
-    params = nnx.state(model_lib.Transformer(self.model_cfg, nnx.Rngs(self.config.seed)),
-                       nnx.Param)
+  def init_state(self, params=None):
+    """Step 0: `params` (default: freshly initialised from the seed) and new optimizer moments."""
+    if params is None:
+      params = nnx.state(model_lib.Transformer(self.model_cfg, nnx.Rngs(self.config.seed)),
+                         nnx.Param)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
 
   def jit_init(self):
     """Params born sharded: each device computes only its own shards."""
     return jax.jit(self._under_layout(self.init_state), out_shardings=self.state_shardings)
+
+  def pretrained_state(self):
+    """Step 0 from `config.init_from`'s weights, read straight into the layout's shardings."""
+    run_as = {f.name: getattr(self.model_cfg, f.name) for f in dataclasses.fields(self.model_cfg)
+              if f.name not in hf.ARCHITECTURE_FIELDS}  # dtypes, scan, remat, attention
+    model, _ = hf.from_pretrained(self.config.init_from, **run_as)
+    init = jax.jit(self._under_layout(self.init_state), in_shardings=(self.state_shardings["params"],),
+                   out_shardings=self.state_shardings, donate_argnums=0)
+    return init(nnx.state(model, nnx.Param))
 
   def abstract_state(self):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -116,6 +128,8 @@ class Program:
 def build(config, devices=None) -> Program:
   """Validates config, layout and mesh against every parameter and activation shape."""
   model_cfg = check_config(config)
+  if config.init_from:
+    hf.check_matches(config.init_from, model_cfg)
   layout = sharding.Layout.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)
   abstract_model = nnx.eval_shape(lambda: model_lib.Transformer(model_cfg, nnx.Rngs(config.seed)))

@@ -79,7 +79,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ==============================================================================================
     start_step = ckpt.latest_step()
     if start_step is None:
-      state, start_step = prog.jit_init()(), 0
+      if config.init_from:
+        state = prog.pretrained_state()
+        print(f"spjax: starting from the weights of {config.init_from}", flush=True)
+      else:
+        state = prog.jit_init()()
+      start_step = 0
     else:
       state = ckpt.restore(start_step, prog.abstract_state(), train_iter)
       print(f"spjax: resumed from {workdir}/checkpoints at step {start_step}", flush=True)

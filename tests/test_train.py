@@ -8,9 +8,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import default
+from spjax import model as model_lib
 from spjax import program, train
+from spjax.convert import hf
+from spjax.convert import workdir as workdir_lib
 from spjax.data import pipeline, tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +93,22 @@ def test_train_learns_on_the_embedded_corpus(tmp_path):
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["40"]
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path):
+  cfg = tiny(num_train_steps=1, eval_every_steps=1, eval_batches=1,
+             **{"optimizer.learning_rate": 0.0})  # the step leaves the params as loaded
+  source = model_lib.Transformer(model_lib.ModelConfig.from_config(cfg.model), nnx.Rngs(7))
+  hf.save_pretrained(source, source.cfg, str(tmp_path / "hf"))
+  cfg.init_from = str(tmp_path / "hf")
+  train.train_and_evaluate(cfg, str(tmp_path / "run"))
+  trained, _ = workdir_lib.load(str(tmp_path / "run"))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(trained, nnx.Param),
+               nnx.state(source, nnx.Param))
+
+  cfg.model.mlp_dim = 256  # not the checkpoint's model: refused before anything is built
+  with pytest.raises(ValueError, match=r"--config.model.mlp_dim=512 \(config has 256\)"):
+    program.build(cfg)
 
 
 def spjax_train(workdir, *flags):

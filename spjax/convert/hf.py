@@ -10,6 +10,7 @@ q, k, v into one matrix interleaved per head ([H, 3, Dh] rows). Both use the rot
 convention, as spjax does, so no permutation of the head features is needed.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -199,15 +200,46 @@ def _hf_name(family: str, key: str, layer: int | None) -> tuple[str, str]:
   return _GLOBAL[family][key]
 
 
-def from_pretrained(hf_dir: str, *, dtype: str = "float32", param_dtype: str = "float32"):
+# What an HF checkpoint fixes about the model; the rest (dtypes, scan, remat, attention kernel) is
+# how spjax runs it.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                        "head_dim", "mlp_dim", "rope_theta", "rotary_pct", "norm", "norm_eps",
+                        "mlp_activation", "gated_mlp", "parallel_residual", "attn_bias", "mlp_bias",
+                        "tie_embeddings")
+
+
+def _read_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{hf_dir} is not a Hugging Face model directory: it has no config.json")
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_matches(hf_dir: str, cfg: model_lib.ModelConfig) -> None:
+  """Raises ValueError listing every `model.*` field that differs from the checkpoint's model."""
+  hf_cfg = config_from_hf(_read_config(hf_dir))
+  wrong = [f"--config.model.{f}={getattr(hf_cfg, f)} (config has {getattr(cfg, f)})"
+           for f in ARCHITECTURE_FIELDS if getattr(hf_cfg, f) != getattr(cfg, f)]
+  if wrong:
+    raise ValueError(f"init_from={hf_dir} holds a different model; to load it set "
+                     + ", ".join(wrong))
+
+
+def from_pretrained(hf_dir: str, *, dtype: str = "float32", param_dtype: str = "float32",
+                    **overrides):
   """(model, ModelConfig) from an HF directory of config.json and *.safetensors.
 
   Under an active mesh and logical rules (`Program.activate()`), params are placed sharded.
-  `dtype` is the compute dtype, `param_dtype` what the params are stored as.
+  `dtype` is the compute dtype, `param_dtype` what the params are stored as; `overrides` set other
+  non-architectural ModelConfig fields (scan_layers, remat_policy, attention).
   """
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    hf_config = json.load(f)
+  hf_config = _read_config(hf_dir)
   cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+  if set(overrides) & set(ARCHITECTURE_FIELDS):
+    raise ValueError(f"from_pretrained: {sorted(set(overrides) & set(ARCHITECTURE_FIELDS))} come "
+                     f"from {hf_dir}/config.json and cannot be overridden")
+  cfg = dataclasses.replace(cfg, **overrides)
   family = hf_config["model_type"]
   tensors = _split_qkv(_read_tensors(hf_dir), cfg.num_heads)
   if family == "gpt_neox" and "lm_head.weight" in tensors:  # the transformers 5 name of the head
