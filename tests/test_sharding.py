@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P

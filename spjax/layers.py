@@ -1,0 +1,201 @@
+"""The Transformer block and its parts: norm, rotary embedding, attention, MLP.
+
+Every parameter is tagged with logical axis names and every pinned activation goes through
+`constrain`; placement is the layout's business (spjax/sharding.py).
+
+Shapes in comments: B batch, T length, S cache slots, D d_model, H heads, K kv_heads, G = H // K,
+Dh head_dim, R rotary dims, F mlp_dim, V vocab, L layers.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spjax import attention as attention_lib
+from spjax.model_config import ACTIVATIONS, ModelConfig
+from spjax.sharding import constrain
+
+# A layer's KV cache: keys [B, K, S, Dh] and values [B, K, Dh, S], the layouts XLA's attention
+# matmuls read them in (stored as [B, S, K, Dh], both were transposed, whole, on every decode step).
+K_CACHE_AXES = ("batch", "act_kv_heads", "length", "head_dim")
+V_CACHE_AXES = ("batch", "act_kv_heads", "head_dim", "length")
+
+
+def param(rngs: nnx.Rngs, shape, names, cfg: ModelConfig, stddev: float) -> nnx.Param:
+  """A parameter tagged with logical axis names; placement is decided later by the layout."""
+  value = jax.random.normal(rngs.params(), shape, jnp.dtype(cfg.param_dtype)) * stddev
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _const(value: float, shape, names, cfg: ModelConfig) -> nnx.Param:
+  return nnx.Param(jnp.full(shape, value, jnp.dtype(cfg.param_dtype)), out_sharding=names,
+                   eager_sharding=False)
+
+
+def dropout(x, rate: float, key):
+  """Inverted dropout; `key=None` (eval) is the identity."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+  """RMSNorm, or LayerNorm (mean-centred, with a bias) when `cfg.norm == "layernorm"`."""
+
+  def __init__(self, cfg: ModelConfig):
+    self.eps = cfg.norm_eps
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.centred = cfg.norm == "layernorm"
+    self.scale = _const(1.0, (cfg.d_model,), ("embed",), cfg)
+    if self.centred:
+      self.bias = _const(0.0, (cfg.d_model,), ("embed",), cfg)
+
+  def __call__(self, x):  # [B, T, D]
+    x32 = x.astype(jnp.float32)  # the mean of squares in bf16 loses too much precision
+    if self.centred:
+      x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    x32 = x32 * self.scale[...].astype(jnp.float32)
+    if self.centred:
+      x32 = x32 + self.bias[...].astype(jnp.float32)
+    return x32.astype(self.dtype)
+
+
+def rope(x, positions, theta: float, rotary_dim: int):
+  """Rotary embedding of the first `rotary_dim` features of each head, half-split convention (HF's
+  rotate_half); the rest pass through. x [B, T, N, Dh], positions [B, T]."""
+  half = rotary_dim // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [R/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, R/2]
+  x32 = x.astype(jnp.float32)
+  x1, x2, rest = x32[..., :half], x32[..., half:rotary_dim], x32[..., rotary_dim:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query attention that never attends across packed documents."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.num_layers)  # GPT-2: scale residual writers
+    self.q = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), cfg, std)
+    self.k = param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg, std)
+    self.v = param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), cfg, std)
+    self.o = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), cfg, out_std)
+    if cfg.attn_bias:
+      self.q_bias = _const(0.0, (h, dh), ("heads", "head_dim"), cfg)
+      self.k_bias = _const(0.0, (k, dh), ("kv_heads", "head_dim"), cfg)
+      self.v_bias = _const(0.0, (k, dh), ("kv_heads", "head_dim"), cfg)
+      self.o_bias = _const(0.0, (d,), ("embed",), cfg)
+
+  def _project(self, x, name):  # x [B, T, D] -> [B, T, N, Dh]
+    dt = jnp.dtype(self.cfg.dtype)
+    y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dt))
+    return y + getattr(self, name + "_bias")[...].astype(dt) if self.cfg.attn_bias else y
+
+  def __call__(self, x, positions, segment_ids, key, cache=None):
+    """x [B, T, D] -> ([B, T, D], the cache's (k, v) with x's written, or None without a cache).
+
+    cache: None attends within x. Else (k [B, K, S, Dh], v [B, K, Dh, S], key segment ids [B, S]
+    already holding x's, index []): x sits at slots index..index+T and attends to every earlier
+    slot of its segment.
+    """
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    q, k, v = (self._project(x, n) for n in "qkv")  # [B, T, H | K, Dh]
+    q = constrain(rope(q, positions, cfg.rope_theta, cfg.rotary_dim),
+                  ("batch", "length", "act_heads", "head_dim"))
+    k = constrain(rope(k, positions, cfg.rope_theta, cfg.rotary_dim),
+                  ("batch", "length", "act_kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
+
+    if cache is None and cfg.attention == "splash":
+      return self._output(attention_lib.splash(q, k, v, segment_ids)), None
+
+    b, t, h, dh = q.shape
+    groups = h // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, groups, dh)  # [B, T, K, G, Dh]
+    if cache is None:
+      query_slots, key_slots, key_segments = jnp.arange(t), jnp.arange(t), segment_ids
+      scores = jnp.einsum("btkgd,bskd->bkgts", q, k)
+    else:  # the keys and values are the cache's, with x's written at slots index..index+T
+      cache_k, cache_v, key_segments, index = cache
+      k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype),
+                                       (0, 0, index, 0))
+      v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 3, 1).astype(cache_v.dtype),
+                                       (0, 0, 0, index))
+      k, v = constrain(k, K_CACHE_AXES), constrain(v, V_CACHE_AXES)  # [B, K, S, Dh], [B, K, Dh, S]
+      query_slots, key_slots = jnp.arange(t) + index, jnp.arange(k.shape[2])
+      scores = jnp.einsum("btkgd,bksd->bkgts", q, k)
+    scores = scores.astype(jnp.float32) / math.sqrt(dh)  # [B, K, G, T, S]
+    causal = query_slots[:, None] >= key_slots[None, :]  # [T, S]
+    same_doc = segment_ids[:, :, None] == key_segments[:, None, :]  # [B, T, S]: packed documents
+    mask = (causal[None] & same_doc)[:, None, None]  # [B, 1, 1, T, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
+    probs = dropout(probs, cfg.dropout_rate, key)
+    spec = "bkgts,bskd->btkgd" if cache is None else "bkgts,bkds->btkgd"
+    out = jnp.einsum(spec, probs, v).reshape(b, t, h, dh)  # [B, T, H, Dh]
+    return self._output(out), None if cache is None else (k, v)
+
+  def _output(self, out):  # [B, T, H, Dh] -> [B, T, D]
+    dt = jnp.dtype(self.cfg.dtype)
+    out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
+    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+    return out + self.o_bias[...].astype(dt) if self.cfg.attn_bias else out
+
+
+class MLP(nnx.Module):
+  """down(act(x @ gate) * (x @ up)) when gated (SwiGLU), else down(act(x @ up))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, f = cfg.d_model, cfg.mlp_dim
+    if cfg.gated_mlp:
+      self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg, 0.02)
+    self.up = param(rngs, (d, f), ("embed", "mlp"), cfg, 0.02)
+    self.down = param(rngs, (f, d), ("mlp", "embed"), cfg, 0.02 / math.sqrt(2 * cfg.num_layers))
+    if cfg.mlp_bias:
+      if cfg.gated_mlp:
+        self.gate_bias = _const(0.0, (f,), ("mlp",), cfg)
+      self.up_bias = _const(0.0, (f,), ("mlp",), cfg)
+      self.down_bias = _const(0.0, (d,), ("embed",), cfg)
+
+  def _dense(self, x, name):
+    dt = jnp.dtype(self.cfg.dtype)
+    y = x @ getattr(self, name)[...].astype(dt)
+    return y + getattr(self, name + "_bias")[...].astype(dt) if self.cfg.mlp_bias else y
+
+  def __call__(self, x):  # [B, T, D]
+    h = ACTIVATIONS[self.cfg.mlp_activation](self._dense(x, "gate" if self.cfg.gated_mlp else "up"))
+    if self.cfg.gated_mlp:
+      h = h * self._dense(x, "up")  # [B, T, F]
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return self._dense(h, "down")  # [B, T, D]
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); or both from x in parallel."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.rate = cfg.dropout_rate
+    self.parallel = cfg.parallel_residual
+    self.attn_norm = Norm(cfg)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = Norm(cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, segment_ids, key, cache=None):  # x [B, T, D]
+    keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+    h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, keys[0], cache)
+    h = dropout(h, self.rate, keys[1])
+    if self.parallel:
+      x = x + h + dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
+    else:
+      x = constrain(x + h, ("batch", "length", "act_embed"))
+      x = x + dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
+    return constrain(x, ("batch", "length", "act_embed")), new_kv

@@ -1,0 +1,134 @@
+"""Model hyper-parameters: ModelConfig, its validation, and the named sizes.
+
+Sizes (parameters, untied embeddings, vocab 32000 except tiny):
+
+  name   d_model  layers  heads  kv_heads  head_dim  mlp_dim   params
+  tiny       128       2      8         4        16      512    0.6M  (vocab 1024; seconds on CPU)
+  125m       768      12     12        12        64     2048   0.13B  (GPT-3 Small width, SwiGLU)
+  350m      1024      24     16        16        64     2816   0.37B  (GPT-3 Medium width, SwiGLU)
+  1b        2048      16     16         8       128     8192   1.1B
+  7b        4096      32     32        32       128    11008   6.7B   (llama2-7b)
+"""
+
+import dataclasses
+
+import jax
+import ml_collections
+
+from spjax import attention as attention_lib
+
+_CP = jax.checkpoint_policies
+# The matmul policies also keep what the splash kernel's backward reads (its output and log-sum-exp,
+# named "attention"), so the fused attention is not run forward twice.
+_KEEP_ATTENTION = _CP.save_only_these_names(attention_lib.RESIDUALS)
+REMAT_POLICIES = {
+    "none": None,  # keep every activation for the backward pass
+    "full": _CP.nothing_saveable,  # recompute the whole block
+    # keep matmul outputs (with batch dims: attention scores too), recompute the rest
+    "save_dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _KEEP_ATTENTION),
+    # keep the projections' outputs; recompute einsum attention from q, k and v
+    "save_dots_no_batch": _CP.save_from_both_policies(_CP.dots_with_no_batch_dims_saveable,
+                                                      _KEEP_ATTENTION),
+}
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+               "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  rotary_pct: float = 1.0        # fraction of each head's features that rotate (GPT-NeoX: 0.25)
+  norm: str = "rmsnorm"          # rmsnorm (Llama) | layernorm (mean-centred, with bias: GPT-NeoX)
+  norm_eps: float = 1e-5
+  mlp_activation: str = "silu"   # silu | gelu (exact erf) | gelu_tanh
+  gated_mlp: bool = True         # down(act(x @ gate) * (x @ up)) (SwiGLU); else down(act(x @ up))
+  parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm'(x)) (GPT-J/NeoX): one residual add
+  attn_bias: bool = False        # biases on the q, k, v and output projections
+  mlp_bias: bool = False         # biases on the MLP matrices
+  dropout_rate: float = 0.0      # attention probabilities and residual branches; off in eval
+  tie_embeddings: bool = False   # unembed with the transposed embedding table
+  dtype: str = "bfloat16"        # compute dtype of matmuls and activations
+  param_dtype: str = "float32"   # storage dtype of parameters (and optimizer moments)
+  scan_layers: bool = True       # nnx.scan over a stacked layer axis: compile time independent of L
+  remat_policy: str = "none"     # one of REMAT_POLICIES
+  attention: str = "xla"         # xla (einsums, any backend) | splash (fused Pallas kernel, TPU)
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.rotary_pct)  # truncated, as GPT-NeoX does
+
+  def to_config(self) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dataclasses.asdict(self))
+
+  @classmethod
+  def from_config(cls, cfg) -> "ModelConfig":
+    model_cfg = cls(**dict(cfg))
+    model_cfg.validate()
+    return model_cfg
+
+  def validate(self):
+    """Raises ValueError naming the `model.*` field that cannot work."""
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of "
+                       f"model.num_kv_heads ({self.num_kv_heads}) for grouped-query attention")
+    if not 0.0 < self.rotary_pct <= 1.0:
+      raise ValueError(f"model.rotary_pct must be in (0, 1], got {self.rotary_pct}")
+    if self.rotary_dim < 2 or self.rotary_dim % 2:
+      raise ValueError(f"model.head_dim * model.rotary_pct ({self.head_dim} * {self.rotary_pct}) "
+                       f"must give an even number (>= 2) of rotary features, got {self.rotary_dim}")
+    if self.norm not in NORMS:
+      raise ValueError(f"model.norm {self.norm!r} is not one of {', '.join(NORMS)}")
+    if self.mlp_activation not in ACTIVATIONS:
+      raise ValueError(f"model.mlp_activation {self.mlp_activation!r} is not one of "
+                       f"{', '.join(ACTIVATIONS)}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"model.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy {self.remat_policy!r} is not one of "
+                       f"{', '.join(REMAT_POLICIES)}")
+    if self.attention not in attention_lib.IMPLS:
+      raise ValueError(f"model.attention {self.attention!r} is not one of "
+                       f"{', '.join(attention_lib.IMPLS)}")
+    if self.attention == "splash" and self.dropout_rate:
+      raise ValueError(f"model.attention='splash' has no attention dropout; set model.dropout_rate "
+                       f"to 0 (got {self.dropout_rate}) or use model.attention='xla'")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.{name} must be float32, bfloat16 or float16, "
+                         f"got {getattr(self, name)!r}")
+
+  def num_params(self) -> int:
+    d, f = self.d_model, self.mlp_dim
+    qo, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    attn = 2 * d * (qo + kv) + (2 * qo + 2 * kv + d if self.attn_bias else 0)
+    matrices = 3 if self.gated_mlp else 2
+    mlp = matrices * d * f + ((matrices - 1) * f + d if self.mlp_bias else 0)
+    norm = 2 * d if self.norm == "layernorm" else d
+    unembed = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.num_layers * (attn + mlp + 2 * norm) + norm + unembed
+
+
+SIZES = {
+    "tiny": ModelConfig(vocab_size=1024, d_model=128, num_layers=2, num_heads=8, num_kv_heads=4,
+                        head_dim=16, mlp_dim=512),
+    "125m": ModelConfig(vocab_size=32000, d_model=768, num_layers=12, num_heads=12,
+                        num_kv_heads=12, head_dim=64, mlp_dim=2048),
+    "350m": ModelConfig(vocab_size=32000, d_model=1024, num_layers=24, num_heads=16,
+                        num_kv_heads=16, head_dim=64, mlp_dim=2816),
+    "1b": ModelConfig(vocab_size=32000, d_model=2048, num_layers=16, num_heads=16, num_kv_heads=8,
+                      head_dim=128, mlp_dim=8192),
+    "7b": ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
+                      num_kv_heads=32, head_dim=128, mlp_dim=11008),
+}
