@@ -115,7 +115,9 @@ def write(results, name: str, title: str):
   with open(os.path.join(_OUT_DIR.value, f"{name}.json"), "w") as f:
     json.dump(results, f, indent=2)
   with open(os.path.join(_OUT_DIR.value, f"{name}.md"), "w") as f:
-    f.write(f"# Layout sweep: {title}\n\nCommand: `python experiments/layout_sweep.py "
+    flags_env = os.environ.get("LIBTPU_INIT_ARGS")  # compiler flags change the results
+    env = f'LIBTPU_INIT_ARGS="{flags_env}" ' if flags_env else ""
+    f.write(f"# Layout sweep: {title}\n\nCommand: `{env}python experiments/layout_sweep.py "
             f"{' '.join(sys.argv[1:])}`\n\nMemory is the compiled step's per-device total (the "
             "compiler's out-of-memory figure where it does not fit). Step time and MFU are "
             "ESTIMATES from XLA's TPU cost model (tools/aot_tpu.py states the method).\n\n")

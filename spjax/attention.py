@@ -20,7 +20,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
 from spjax import sharding
 
-IMPLS = ("xla", "splash")
+IMPLS = ("auto", "xla", "splash")  # auto: splash on TPU where the run allows it, else xla
 BLOCK = 512  # q and kv block length: MaxText's default for TPU v4/v5; shorter sequences use T
 LANES = 128  # splash blocks must be multiples of the TPU lane width
 RESIDUALS = "attention"  # checkpoint name of the kernel's residuals, for remat policies to keep
@@ -46,6 +46,30 @@ def check_layout(layout, mesh):
                      f"device's query heads must find their kv heads locally), but layout "
                      f"{layout.source!r} maps act_heads to {layout.axes_for('act_heads')} and "
                      f"act_kv_heads to {layout.axes_for('act_kv_heads')}")
+
+
+def choose(model_cfg, seq_len: int, layout, mesh) -> str:
+  """The attention a run uses: "xla" or "splash". An explicit "splash" the run cannot use is a
+  ValueError saying why; "auto" takes splash only on TPU and only where nothing stands in its way."""
+  def check():
+    check_seq_len(seq_len)
+    check_layout(layout, mesh)
+    if model_cfg.dropout_rate:
+      raise ValueError(f"model.attention='splash' has no attention dropout; set model.dropout_rate "
+                       f"to 0 (got {model_cfg.dropout_rate}) or use model.attention='xla'")
+    if mesh.devices.flat[0].platform == "gpu":
+      raise ValueError("model.attention='splash' is a TPU kernel (elsewhere it runs in Pallas' "
+                       "interpreter, for tests); use model.attention='xla' on GPU")
+  if model_cfg.attention == "splash":
+    check()
+    return "splash"
+  if model_cfg.attention == "auto" and mesh.devices.flat[0].platform == "tpu":
+    try:
+      check()
+      return "splash"
+    except ValueError:
+      return "xla"
+  return "xla"
 
 
 @functools.cache

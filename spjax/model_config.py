@@ -59,7 +59,9 @@ class ModelConfig:
   param_dtype: str = "float32"   # storage dtype of parameters (and optimizer moments)
   scan_layers: bool = True       # nnx.scan over a stacked layer axis: compile time independent of L
   remat_policy: str = "none"     # one of REMAT_POLICIES
-  attention: str = "xla"         # xla (einsums, any backend) | splash (fused Pallas kernel, TPU)
+  attention: str = "auto"        # xla (einsums, any backend) | splash (fused Pallas kernel, TPU) |
+                                 # auto (program.build: splash on TPU where the run allows it,
+                                 # else xla; a model built directly treats it as xla)
 
   @property
   def rotary_dim(self) -> int:
@@ -101,9 +103,6 @@ class ModelConfig:
     if self.attention not in attention_lib.IMPLS:
       raise ValueError(f"model.attention {self.attention!r} is not one of "
                        f"{', '.join(attention_lib.IMPLS)}")
-    if self.attention == "splash" and self.dropout_rate:
-      raise ValueError(f"model.attention='splash' has no attention dropout; set model.dropout_rate "
-                       f"to 0 (got {self.dropout_rate}) or use model.attention='xla'")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"model.{name} must be float32, bfloat16 or float16, "

@@ -139,12 +139,8 @@ def build(config, devices=None) -> Program:
   for name, (shape, names) in model_lib.activation_shapes(model_cfg, micro_batch,
                                                           config.seq_len).items():
     sharding.validate_tensor(layout, mesh, name, shape, names)
-  if model_cfg.attention == "splash":
-    attention.check_seq_len(config.seq_len)
-    attention.check_layout(layout, mesh)
-    if mesh.devices.flat[0].platform == "gpu":
-      raise ValueError("model.attention='splash' is a TPU kernel (elsewhere it runs in Pallas' "
-                       "interpreter, for tests); use model.attention='xla' on GPU")
+  model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
+      model_cfg, config.seq_len, layout, mesh))
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
                  _state_shardings(abstract_params, param_shardings, tx, mesh, layout),

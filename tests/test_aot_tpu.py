@@ -39,6 +39,7 @@ def test_tiny_on_v5e_2x2(tmp_path):
   assert r["chips"] == 4 and r["device_kind"] == "TPU v5 lite"
   assert r["layout"] == "fsdp_tp" and r["mesh"] == {"fsdp": 2, "tensor": 2}
   assert r["model"]["remat_policy"] == "full"
+  assert r["model"]["attention"] == "splash" and r["kernel_seconds"]  # "auto" on TPU
   assert r["fits"] and 0 < r["memory_gib_per_device"] < r["hbm_gib_per_device"] == 16
   assert r["compile_seconds"] > 0
   cfg = default.get_config("tiny")

@@ -78,6 +78,13 @@ def test_layouts_and_configs_splash_cannot_serve_fail_before_tracing(overrides, 
     program.build(splash_config(**overrides))
 
 
+@pytest.mark.parametrize("overrides", [{}, {"model.attention": "xla"}])
+def test_default_auto_and_explicit_xla_give_einsum_attention_on_cpu(overrides):
+  cfg = default.get_config("tiny")
+  cfg.update_from_flattened_dict(overrides)
+  assert program.build(cfg).model_cfg.attention == "xla"
+
+
 def test_kernel_flops_count_the_causal_blocks_only():
   # One 512-block: the whole square runs; four: 10 of 16 blocks.
   full = 2 * 2 * 1 * 1 * 512**2 * 64

@@ -129,7 +129,8 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
       "mesh": {a: s for a, s in prog.mesh.shape.items() if s > 1},
       "model": {k: config.model[k] for k in ("d_model", "num_layers", "num_heads", "num_kv_heads",
                                              "mlp_dim", "vocab_size", "scan_layers",
-                                             "remat_policy", "dtype", "param_dtype")},
+                                             "remat_policy", "dtype", "param_dtype")}
+               | {"attention": prog.model_cfg.attention},  # "auto" resolved
       "params": prog.model_cfg.num_params(),
       "per_device_batch_size": config.per_device_batch_size, "seq_len": config.seq_len,
       "grad_accum_steps": config.grad_accum_steps, "tokens_per_step": tokens,
@@ -178,7 +179,7 @@ def table(r: dict) -> str:
       f"{r['topology']} x{r['num_slices']} slice(s): {r['chips']} chips ({r['device_kind']}, "
       f"{r['peak_tflops_per_chip']:.0f} TFLOP/s bf16, {r['hbm_gib_per_device']:.0f} GiB HBM)",
       f"model {r['params'] / 1e9:.2f}B params, d_model {m['d_model']}, {m['num_layers']} layers, "
-      f"scan_layers={m['scan_layers']}, remat={m['remat_policy']}; batch "
+      f"scan_layers={m['scan_layers']}, remat={m['remat_policy']}, {m['attention']} attention; batch "
       f"{r['per_device_batch_size']}/device x {r['seq_len']} x {r['grad_accum_steps']} accum = "
       f"{r['tokens_per_step']:,} tokens/step",
       f"layout {r['layout']}, mesh {mesh}" + (f", LIBTPU_INIT_ARGS={r['libtpu_init_args']}"
