@@ -90,7 +90,12 @@ def table(results) -> str:
 
 def chart(results, title: str, path: str):
   ok = [r for r in results if "error" not in r]
-  labels = [f"{r['layout']}\n{r['model']['remat_policy']}" for r in ok]
+  remats = {r["model"]["remat_policy"] for r in ok}
+  if len(remats) == 1:  # one policy for all: say it once, in the title
+    title += f", remat {remats.pop()}"
+    labels = [r["layout"] for r in ok]
+  else:
+    labels = [f"{r['layout']}\n{r['model']['remat_policy']}" for r in ok]
   fig, (mem, mfu) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(ok)) * 1.6, 4.5))
   colors = ["tab:blue" if r["fits"] else "tab:red" for r in ok]
   mem.bar(labels, [r["memory_gib_per_device"] for r in ok], color=colors)

@@ -1,7 +1,7 @@
 """Compile the real train step for a TPU topology on this CPU (libtpu, no TPU needed) and estimate.
 
   python tools/aot_tpu.py --config=configs/default.py:1b --topology=v5e:4x4 --json=OUT.json \
-      [--num_slices=2] [--dump_hlo=STEP.hlo.txt] [--config.key=value ...]
+      [--num_slices=2] [--dump_hlo=STEP.hlo.txt] [--kernel_efficiency=0.5] [--config.key=value ...]
 
 Prints and writes per-device memory (arguments, outputs, temporaries; total against the chip's HBM),
 compile time, the collectives of the compiled step, and ESTIMATES of step time and MFU:
@@ -15,6 +15,9 @@ compile time, the collectives of the compiled step, and ESTIMATES of step time a
   (`--config.model.scan_layers=False` compiles the layers unrolled: on the tiny model, where the
   scan's own bookkeeping weighs most, the scanned estimate is 31% above the unrolled one.) The
   cost model leaves collectives out: they run asynchronously beside compute.
+- Pallas kernels (splash attention) are custom calls the cost model gives no cycles: each executed
+  call is charged its FLOPs (spjax.attention.kernel_flops) at --kernel_efficiency x peak, an
+  assumption (default 0.5) printed beside the result and recorded in the JSON.
 - Collective time = collective bytes / the chip's ICI bandwidth: a lower bound (DCN not modelled).
 - Step time = max(compute, collectives), i.e. collectives hidden behind compute where they fit.
 - Estimated MFU = model FLOPs / (step time x chips x the chip's peak bf16 FLOP/s).
