@@ -1,10 +1,11 @@
 """Fused causal attention for training: Pallas splash attention.
 
-`model.attention = "splash"` replaces the einsum attention of spjax/model.py (which materialises
+`model.attention = "splash"` replaces the einsum attention of spjax/layers.py (which materialises
 [B, K, G, T, S] float32 scores in HBM: on TPU most of the 1B's step, BENCHMARKS.md) with the
 splash kernel from jax.experimental.pallas: blockwise online softmax, scores kept on chip, blocks
-above the diagonal or across packed-document boundaries skipped. On TPU it is the Mosaic kernel; on
-other backends the same kernel runs in Pallas' interpreter (exact, slow: for tests on CPU).
+above the diagonal skipped, packed documents kept apart by segment ids inside each block. On TPU
+it is the Mosaic kernel; on other backends the same kernel runs in Pallas' interpreter (exact,
+slow: for tests on CPU).
 
 A Pallas kernel cannot be partitioned by XLA, so it runs under `shard_map` with the specs the
 active layout gives q, k and v: each device attends its own batch rows and heads. A layout that
