@@ -111,6 +111,8 @@ def kernel_seconds(prog, calls: dict, flops_per_second: float) -> dict:
 
 def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
         kernel_efficiency: float = 0.5) -> dict:
+  if not 0 < kernel_efficiency <= 1:
+    raise ValueError(f"--kernel_efficiency must be in (0, 1], got {kernel_efficiency}")
   chip = topology.split(":")[0]
   if chip not in CHIPS:
     raise ValueError(f"unknown TPU generation {chip!r} in --topology={topology}; known: "
