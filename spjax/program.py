@@ -132,6 +132,9 @@ def build(config, devices=None) -> Program:
     hf.check_matches(config.init_from, model_cfg)
   layout = sharding.Layout.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)
+  # Resolved before the model is built: the graphdef carries the attention the steps will trace.
+  model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
+      model_cfg, config.seq_len, layout, mesh))
   abstract_model = nnx.eval_shape(lambda: model_lib.Transformer(model_cfg, nnx.Rngs(config.seed)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   param_shardings = sharding.param_shardings(abstract_params, mesh, layout)
@@ -139,8 +142,6 @@ def build(config, devices=None) -> Program:
   for name, (shape, names) in model_lib.activation_shapes(model_cfg, micro_batch,
                                                           config.seq_len).items():
     sharding.validate_tensor(layout, mesh, name, shape, names)
-  model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
-      model_cfg, config.seq_len, layout, mesh))
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
                  _state_shardings(abstract_params, param_shardings, tx, mesh, layout),

@@ -82,7 +82,10 @@ def test_layouts_and_configs_splash_cannot_serve_fail_before_tracing(overrides, 
 def test_default_auto_and_explicit_xla_give_einsum_attention_on_cpu(overrides):
   cfg = default.get_config("tiny")
   cfg.update_from_flattened_dict(overrides)
-  assert program.build(cfg).model_cfg.attention == "xla"
+  prog = program.build(cfg)
+  assert prog.model_cfg.attention == "xla"
+  # ...and the model the steps trace was built with the resolved choice, not "auto".
+  assert nnx.merge(prog.graphdef, prog.abstract_params).cfg.attention == "xla"
 
 
 def test_kernel_flops_count_the_causal_blocks_only():
