@@ -66,14 +66,18 @@ class Norm(nnx.Module):
 
 def rope(x, positions, theta: float, rotary_dim: int):
   """Rotary embedding of the first `rotary_dim` features of each head, half-split convention (HF's
-  rotate_half); the rest pass through. x [B, T, N, Dh], positions [B, T]."""
+  rotate_half); the rest pass through. x [B, T, N, Dh], positions [B, T].
+
+  Angles, sines and cosines in float32 (positions reach thousands of radians); the rotation itself
+  in x's dtype, as transformers does: in float32 it cost ~8% of the 1B's TPU step in converts.
+  """
   half = rotary_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [R/2]
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, R/2]
-  x32 = x.astype(jnp.float32)
-  x1, x2, rest = x32[..., :half], x32[..., half:rotary_dim], x32[..., rotary_dim:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1).astype(x.dtype)
+  sin = jnp.sin(angles).astype(x.dtype)[:, :, None, :]  # [B, T, 1, R/2]
+  cos = jnp.cos(angles).astype(x.dtype)[:, :, None, :]
+  x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
 class Attention(nnx.Module):
