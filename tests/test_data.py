@@ -1,7 +1,6 @@
 """The embedded corpus, the tokenizer and the Grain pipeline's batch contract."""
 
 import itertools
-import json
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from spjax.data import embedded
 from spjax.data import pipeline
 from spjax.data import tokenizer as tokenizer_lib
 
-from data_config import data_config
+from data_config import assert_resumes_exactly, data_config
 
 SEQ_LEN = 128
 
@@ -153,18 +152,8 @@ def test_validation_repeats_and_is_deterministic(tok):
 
 
 def test_iterator_state_resumes_exact_next_batch(tok):
-  config = _config()
-  it = iter(pipeline.make_dataset(config, "train", tok, batch_size=64))
-  for _ in range(60):  # past the end of the first epoch (~430K tokens / 8K per batch)
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  expected = [next(it) for _ in range(3)]
-  resumed = iter(pipeline.make_dataset(config, "train", tok, batch_size=64))
-  resumed.set_state(state)
-  for want in expected:
-    got = next(resumed)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k])
+  # 60 batches: past the end of the first epoch (~430K tokens / 8K per batch)
+  assert_resumes_exactly(_config(), tok, batch_size=64, skip=60)
 
 
 def test_fixed_shards_give_the_same_global_batches_for_any_process_count(tok):

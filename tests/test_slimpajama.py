@@ -17,7 +17,7 @@ from spjax.data import sampling
 from spjax.data import synthetic
 from spjax.data import tokenizer as tokenizer_lib
 
-from data_config import data_config
+from data_config import assert_resumes_exactly, data_config
 
 SEQ_LEN = 64
 MIXTURE = "CommonCrawl:0.4,C4:0.3,Book:0.2,GitHub:0.1"
@@ -193,17 +193,7 @@ def test_process_shards_disjoint_and_cover(prepared, corpus, tok):
 
 def test_iterator_state_resumes_exact_next_batch(prepared, corpus, tok):
   config = _config(f"slimpajama:{corpus[0] / 'DIR'}", corpus[0] / "tfds", mixture="DC-2")
-  it = iter(pipeline.make_dataset(config, "train", tok, batch_size=8))
-  for _ in range(30):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  expected = [next(it) for _ in range(3)]
-  resumed = iter(pipeline.make_dataset(config, "train", tok, batch_size=8))
-  resumed.set_state(state)
-  for want in expected:
-    got = next(resumed)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k])
+  assert_resumes_exactly(config, tok, batch_size=8, skip=30)
 
 
 def test_eval_per_domain(prepared, corpus, tok):

@@ -4,6 +4,9 @@ Both load params straight into the layout that is active when they are called (`
 or `jax.set_mesh` + `nnx.logical_axis_rules`), so a model too big for one device never sits on one.
 """
 
+import json
+import os
+
 import jax
 from flax.core import spmd as flax_spmd
 from jax.sharding import SingleDeviceSharding
@@ -19,3 +22,12 @@ def target_shardings(abstract_params):
     return jax.tree.map(lambda _: device, abstract_params)
   layout = sharding.Layout.from_rules(dict(rules), "the active layout")
   return sharding.param_shardings(abstract_params, mesh, layout)  # ValueError names a bad tensor
+
+
+def read_config_json(directory: str, kind: str) -> dict:
+  """directory/config.json as a dict; ValueError naming `kind` (what the directory should be)."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{directory} is not {kind}: it has no config.json")
+  with open(path) as f:
+    return json.load(f)

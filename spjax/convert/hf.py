@@ -208,17 +208,9 @@ ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_
                         "tie_embeddings")
 
 
-def _read_config(hf_dir: str) -> dict:
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"{hf_dir} is not a Hugging Face model directory: it has no config.json")
-  with open(path) as f:
-    return json.load(f)
-
-
 def check_matches(hf_dir: str, cfg: model_lib.ModelConfig) -> None:
   """Raises ValueError listing every `model.*` field that differs from the checkpoint's model."""
-  hf_cfg = config_from_hf(_read_config(hf_dir))
+  hf_cfg = config_from_hf(convert.read_config_json(hf_dir, "a Hugging Face model directory"))
   wrong = [f"--config.model.{f}={getattr(hf_cfg, f)} (config has {getattr(cfg, f)})"
            for f in ARCHITECTURE_FIELDS if getattr(hf_cfg, f) != getattr(cfg, f)]
   if wrong:
@@ -234,7 +226,7 @@ def from_pretrained(hf_dir: str, *, dtype: str = "float32", param_dtype: str = "
   `dtype` is the compute dtype, `param_dtype` what the params are stored as; `overrides` set other
   non-architectural ModelConfig fields (scan_layers, remat_policy, attention).
   """
-  hf_config = _read_config(hf_dir)
+  hf_config = convert.read_config_json(hf_dir, "a Hugging Face model directory")
   cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
   if set(overrides) & set(ARCHITECTURE_FIELDS):
     raise ValueError(f"from_pretrained: {sorted(set(overrides) & set(ARCHITECTURE_FIELDS))} come "

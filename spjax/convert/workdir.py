@@ -4,7 +4,6 @@ Only the params are read (not the optimizer moments, twice their size), each arr
 active layout's sharding.
 """
 
-import json
 import os
 
 import jax
@@ -18,11 +17,7 @@ from spjax import model as model_lib
 
 def read_config(workdir: str) -> dict:
   """The resolved config the run saved, as a dict."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"{workdir} is not an spjax workdir: it has no config.json")
-  with open(path) as f:
-    return json.load(f)
+  return convert.read_config_json(workdir, "an spjax workdir")
 
 
 def load(workdir: str, step: int | None = None):
