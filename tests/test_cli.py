@@ -45,6 +45,11 @@ def test_generate_without_a_source_is_a_usage_error(trained):
   assert result.returncode != 0 and "exactly one of --workdir and --hf_dir" in result.stderr
 
 
+def test_generate_from_a_directory_that_is_not_a_run_names_it(tmp_path):
+  result = command("spjax.generate", f"--workdir={tmp_path}", "--prompt=x")
+  assert result.returncode == 2 and f"{tmp_path} is not an spjax workdir" in result.stderr
+
+
 def test_export_writes_a_checkpoint_that_loads_back_to_the_same_logits(trained, tmp_path):
   out = tmp_path / "hf"
   result = command("spjax.convert.export", f"--workdir={trained}", f"--out={out}")

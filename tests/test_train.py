@@ -106,6 +106,10 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, nnx.state(trained, nnx.Param),
                nnx.state(source, nnx.Param))
 
+  cfg.init_from = str(tmp_path)  # no config.json: not an HF directory
+  with pytest.raises(ValueError, match="is not a Hugging Face model directory"):
+    program.build(cfg)
+  cfg.init_from = str(tmp_path / "hf")
   cfg.model.mlp_dim = 256  # not the checkpoint's model: refused before anything is built
   with pytest.raises(ValueError, match=r"--config.model.mlp_dim=512 \(config has 256\)"):
     program.build(cfg)
