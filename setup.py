@@ -33,6 +33,6 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2"],
     },
     entry_points={"console_scripts": ["spjax-train=spjax.main:run",
-                                      "spjax-generate=spjax.generate:run",
+                                      "spjax-generate=spjax.infer.generate:run",
                                       "spjax-convert-hf=spjax.convert.export:run"]},
 )

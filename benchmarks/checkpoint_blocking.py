@@ -24,7 +24,8 @@ import jax  # noqa: E402
 from absl import logging  # noqa: E402
 
 from configs import default  # noqa: E402
-from spjax import checkpoint, program  # noqa: E402
+from spjax.train import checkpoint  # noqa: E402
+from spjax.train import program  # noqa: E402
 
 
 def main():

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 
 from configs import default  # noqa: E402
-from spjax import program  # noqa: E402
+from spjax.train import program  # noqa: E402
 
 
 def compile_seconds(layout: str, layers: int, scan: bool) -> tuple[float, float, int]:

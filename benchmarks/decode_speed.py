@@ -3,7 +3,7 @@
 One random LlamaForCausalLM of the `configs/default.py:125m` shape (float32) is written to a
 temporary directory; spjax imports it with `spjax.convert.hf.from_pretrained`. Both then decode
 greedily from the same random prompts, `--new_tokens` tokens each with no stop token, prefill
-included: spjax with `spjax.decode.generate` (one compiled while loop, compiled before timing),
+included: spjax with `spjax.infer.decode.generate` (one compiled while loop, compiled before timing),
 transformers with `model.generate` (its KV cache, torch's default attention). The spjax model is
 converted to unrolled layers once, before timing, as a caller that generates repeatedly would.
 Runs alternate for `--rounds` rounds, order flipped every round, so a shared machine's noise hits
@@ -33,9 +33,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from spjax import decode  # noqa: E402
-from spjax import model as model_lib  # noqa: E402
 from spjax.convert import hf  # noqa: E402
+from spjax.infer import decode  # noqa: E402
+from spjax.model import model as model_lib  # noqa: E402
 
 
 def make_models(size: str, directory: str):

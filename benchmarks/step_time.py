@@ -1,6 +1,6 @@
 """Step time of the spjax train step vs a minimal hand-written `jax.jit` step ("no framework").
 
-Both steps train the same `spjax.model.Transformer` with the same optimizer (`program.tx`), the same
+Both steps train the same `spjax.model.model.Transformer` with the same optimizer (`program.tx`), the same
 in/out shardings and donation, on the same batch (random tokens, one segment per row) and devices.
 The minimal step is what a user would write by hand: `nnx.merge`, mean cross entropy
 (`optax.softmax_cross_entropy_with_integer_labels`), `jax.value_and_grad`, `tx.update`. Like the
@@ -38,7 +38,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
-from spjax import program  # noqa: E402
+from spjax.train import program  # noqa: E402
 
 
 def make_config(args):

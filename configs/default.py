@@ -1,12 +1,12 @@
 """Default experiment config: `--config=configs/default.py:<size>`.
 
-Sizes are the rows of `spjax.model.SIZES` (tiny, 125m, 350m, 1b, 7b). Every field below is a key other
+Sizes are the rows of `spjax.model.model.SIZES` (tiny, 125m, 350m, 1b, 7b). Every field below is a key other
 parts of spjax rely on; unknown keys given on the command line are an error (the config is locked).
 """
 
 import ml_collections
 
-from spjax import model as model_lib
+from spjax.model import model as model_lib
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -28,7 +28,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.init_from = ""                  # Hugging Face model dir whose weights start a new run (fine-tuning);
                                     # model.* must describe it. Ignored once the run has a checkpoint.
 
-  # Sharding: a preset name (spjax/layouts.py), a "logical:mesh,mesh;..." string, or a rules file.
+  # Sharding: a preset name (spjax/parallel/layouts.py), a "logical:mesh,mesh;..." string, or a rules file.
   c.layout = "fsdp"
   # Mesh axis sizes. 0 = take the layout preset's size (or 1); -1 = all remaining devices (one per group).
   c.mesh = ml_collections.ConfigDict()

@@ -22,7 +22,8 @@ import matplotlib  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from spjax import hlo, layouts  # noqa: E402
+from spjax.parallel import hlo  # noqa: E402
+from spjax.parallel import layouts  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402

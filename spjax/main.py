@@ -46,7 +46,7 @@ def main(argv):
   elif _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  from spjax import train
+  from spjax.train import loop as train
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import aot_tpu  # noqa: E402  (tools/ is a folder of scripts, not a package)
 
 from configs import default  # noqa: E402
-from spjax import attention, metrics  # noqa: E402
+from spjax.model import attention  # noqa: E402
+from spjax.train import metrics  # noqa: E402
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,

@@ -10,8 +10,9 @@ import pytest
 from flax import nnx
 
 from configs import default
-from spjax import attention, program
-from spjax import model as model_lib
+from spjax.model import attention
+from spjax.model import model as model_lib
+from spjax.train import program
 
 CFG = dataclasses.replace(model_lib.SIZES["tiny"], dtype="float32", num_layers=2)
 T = 128  # the kernel's block granularity

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from spjax.checkpoint import Checkpointer
+from spjax.train.checkpoint import Checkpointer
 
 AUTO = jax.sharding.AxisType.Auto
 

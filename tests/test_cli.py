@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
 
 
 def test_generate_prints_prompt_and_completion(trained):
-  result = command("spjax.generate", f"--workdir={trained}", "--prompt=The with statement",
+  result = command("spjax.infer.generate", f"--workdir={trained}", "--prompt=The with statement",
                    "--prompt=def", "--max_new_tokens=5")
   assert result.returncode == 0, result.stderr[-2000:]
   first, separator, second = result.stdout.strip().split("\n")[:3]
@@ -41,12 +41,12 @@ def test_generate_prints_prompt_and_completion(trained):
 
 
 def test_generate_without_a_source_is_a_usage_error(trained):
-  result = command("spjax.generate", "--prompt=x")
+  result = command("spjax.infer.generate", "--prompt=x")
   assert result.returncode != 0 and "exactly one of --workdir and --hf_dir" in result.stderr
 
 
 def test_generate_from_a_directory_that_is_not_a_run_names_it(tmp_path):
-  result = command("spjax.generate", f"--workdir={tmp_path}", "--prompt=x")
+  result = command("spjax.infer.generate", f"--workdir={tmp_path}", "--prompt=x")
   assert result.returncode == 2 and f"{tmp_path} is not an spjax workdir" in result.stderr
 
 

@@ -12,9 +12,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from spjax import convert
-from spjax import decode
-from spjax import model as model_lib
-from spjax import sharding
+from spjax.infer import decode
+from spjax.model import model as model_lib
+from spjax.parallel import sharding
 
 CFG = dataclasses.replace(model_lib.SIZES["tiny"], dtype="float32", vocab_size=256)
 PROMPTS = [[5, 17, 42], [7, 1, 99, 3, 250, 8, 64], [12]]

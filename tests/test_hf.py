@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch", reason="HF parity needs the [hf] extra (tor
 transformers = pytest.importorskip("transformers",
                                    reason="HF parity needs the [hf] extra (torch, transformers)")
 
-from spjax import decode  # noqa: E402
-from spjax import model as model_lib  # noqa: E402
 from spjax.convert import hf  # noqa: E402
+from spjax.infer import decode  # noqa: E402
+from spjax.model import model as model_lib  # noqa: E402
 
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, bos_token_id=None, eos_token_id=None, pad_token_id=None)

@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 from configs import default
-from spjax import footprint, hlo, program
+from spjax.parallel import footprint
+from spjax.parallel import hlo
+from spjax.train import program
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tools"))

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from spjax import program
+from spjax.train import program
 
 SP = ("fsdp", "sequence")
 # Hand-written: what each preset must do to every parameter of the scanned tiny model (trailing

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import pytest
 
-from spjax import metrics
+from spjax.train import metrics
 
 
 def test_flops_per_token_by_hand():

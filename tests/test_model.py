@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spjax import model as model_lib
+from spjax.model import model as model_lib
 
 CFG = dataclasses.replace(model_lib.SIZES["tiny"], dtype="float32", num_layers=3)
 

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import default
-from spjax import optim
+from spjax.train import optim
 
 
 def _opt_cfg(**overrides):
@@ -136,7 +136,7 @@ def test_bad_values_name_the_field(field, value, message):
 
 
 def test_biases_are_not_decayed_even_when_2d():
-  from spjax import model as model_lib
+  from spjax.model import model as model_lib
   import dataclasses
   from flax import nnx
   cfg = dataclasses.replace(model_lib.SIZES["tiny"], attn_bias=True, mlp_bias=True)

@@ -17,9 +17,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from spjax import checkpoint, program, train
-from spjax.model import ModelConfig
 from spjax.data import pipeline
+from spjax.model.config import ModelConfig
+from spjax.train import checkpoint
+from spjax.train import loop as train
+from spjax.train import program
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The schedule must not depend on num_train_steps, or stopping early would change the math.

@@ -7,8 +7,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import default
-from spjax import layouts, program
-from spjax.sharding import Layout, make_mesh
+from spjax.parallel import layouts
+from spjax.parallel.sharding import Layout, make_mesh
+from spjax.train import program
 
 
 def tiny(**overrides):
@@ -119,7 +120,7 @@ def test_non_divisible_dimension_names_tensor_shape_and_axes():
 def test_batch_not_divisible_by_data_parallel_size():
   cfg = tiny(layout="batch:data,fsdp,tensor", **{"mesh.ici.data": 8, "seq_len": 64})
   prog = program.build(cfg)
-  from spjax.sharding import validate_tensor
+  from spjax.parallel.sharding import validate_tensor
   with pytest.raises(ValueError, match=r"batch \(tokens\).*'batch' dimension \(12\) is not "
                                        r"divisible by 8"):
     validate_tensor(prog.layout, prog.mesh, "batch (tokens)", (12, 64), ("batch", "length"))
@@ -170,7 +171,7 @@ def test_bad_top_level_values_name_the_field(key, value):
 
 def test_param_shardings_are_the_same_with_flax_rules_active():
   """Under active rules nnx.get_partition_spec already gives mesh axes; placement must not change."""
-  from spjax import sharding
+  from spjax.parallel import sharding
   prog = program.build(tiny(layout="fsdp_tp"))
   with prog.activate():
     inside = sharding.param_shardings(prog.abstract_params, prog.mesh, prog.layout)

@@ -11,11 +11,12 @@ import pytest
 from flax import nnx
 
 from configs import default
-from spjax import model as model_lib
-from spjax import program, train
 from spjax.convert import hf
 from spjax.convert import workdir as workdir_lib
 from spjax.data import pipeline, tokenizer
+from spjax.model import model as model_lib
+from spjax.train import loop as train
+from spjax.train import program
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

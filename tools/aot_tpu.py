@@ -6,7 +6,7 @@
 Prints and writes per-device memory (arguments, outputs, temporaries; total against the chip's HBM),
 compile time, the collectives of the compiled step, and ESTIMATES of step time and MFU:
 
-- Model FLOPs per step = spjax.metrics.flops_per_token (6 N + 6 L T H Dh: every matmul weight twice
+- Model FLOPs per step = spjax.train.metrics.flops_per_token (6 N + 6 L T H Dh: every matmul weight twice
   forward and four times backward, plus causal attention) x tokens per step.
 - Compute time = the sum over every op the step executes of the cycles XLA's TPU cost model
   records for it (`estimated_cycles`), over the chip's clock. The cost model costs a scanned loop
@@ -16,7 +16,7 @@ compile time, the collectives of the compiled step, and ESTIMATES of step time a
   scan's own bookkeeping weighs most, the scanned estimate is 31% above the unrolled one.) The
   cost model leaves collectives out: they run asynchronously beside compute.
 - Pallas kernels (splash attention) are custom calls the cost model gives no cycles: each executed
-  call is charged its FLOPs (spjax.attention.kernel_flops) at --kernel_efficiency x peak, an
+  call is charged its FLOPs (spjax.model.attention.kernel_flops) at --kernel_efficiency x peak, an
   assumption (default 0.5) printed beside the result and recorded in the JSON.
 - Collective time = collective bytes / the chip's ICI bandwidth: a lower bound (DCN not modelled).
 - Step time = max(compute, collectives), i.e. collectives hidden behind compute where they fit.
@@ -41,7 +41,10 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from spjax import attention, hlo, metrics, program  # noqa: E402
+from spjax.model import attention  # noqa: E402
+from spjax.parallel import hlo  # noqa: E402
+from spjax.train import metrics  # noqa: E402
+from spjax.train import program  # noqa: E402
 
 GIB = 1024**3
 # Per chip, from the Cloud TPU datasheets: HBM capacity, TensorCore clock (what the cost model's
@@ -100,7 +103,7 @@ def memory(c: Compiled) -> dict:
 
 def kernel_seconds(prog, calls: dict, flops_per_second: float) -> dict:
   """{kernel: seconds per step} for the Pallas kernels the step runs, which XLA's cost model leaves
-  at zero: their FLOPs (spjax.attention.kernel_flops) at an assumed rate."""
+  at zero: their FLOPs (spjax.model.attention.kernel_flops) at an assumed rate."""
   cfg, mesh, layout = prog.model_cfg, prog.mesh, prog.layout
   shards = lambda logical: math.prod(mesh.shape[a] for a in layout.axes_for(logical))
   rows = prog.config.per_device_batch_size * mesh.size // shards("batch")

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spjax import checkpoint  # noqa: E402
+from spjax.train import checkpoint  # noqa: E402
 
 _STEP = flags.DEFINE_integer("step", None, "Step to describe; default the newest complete one.")
 _FILTER = flags.DEFINE_string("filter", "", "Only arrays whose path starts with this.")

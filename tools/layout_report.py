@@ -20,7 +20,9 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from spjax import footprint, hlo, program  # noqa: E402
+from spjax.parallel import footprint  # noqa: E402
+from spjax.parallel import hlo  # noqa: E402
+from spjax.train import program  # noqa: E402
 
 
 def report(prog) -> dict:

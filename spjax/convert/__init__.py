@@ -11,7 +11,7 @@ import jax
 from flax.core import spmd as flax_spmd
 from jax.sharding import SingleDeviceSharding
 
-from spjax import sharding
+from spjax.parallel import sharding
 
 
 def target_shardings(abstract_params):

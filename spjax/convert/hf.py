@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from spjax import convert
-from spjax import model as model_lib
 from spjax.convert import safetensors_io
+from spjax.model import model as model_lib
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 _ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",

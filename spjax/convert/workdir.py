@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from spjax import convert
-from spjax import model as model_lib
+from spjax.model import model as model_lib
 
 
 def read_config(workdir: str) -> dict:

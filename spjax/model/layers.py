@@ -1,7 +1,7 @@
 """The Transformer block and its parts: norm, rotary embedding, attention, MLP.
 
 Every parameter is tagged with logical axis names and every pinned activation goes through
-`constrain`; placement is the layout's business (spjax/sharding.py).
+`constrain`; placement is the layout's business (spjax/parallel/sharding.py).
 
 Shapes in comments: B batch, T length, S cache slots, D d_model, H heads, K kv_heads, G = H // K,
 Dh head_dim, R rotary dims, F mlp_dim, V vocab, L layers.
@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spjax import attention as attention_lib
-from spjax.model_config import ACTIVATIONS, ModelConfig
-from spjax.sharding import constrain
+from spjax.model import attention as attention_lib
+from spjax.model.config import ACTIVATIONS, ModelConfig
+from spjax.parallel.sharding import constrain
 
 # A layer's KV cache: keys [B, K, S, Dh] and values [B, K, Dh, S], the layouts XLA's attention
 # matmuls read them in (stored as [B, S, K, Dh], both were transposed, whole, on every decode step).

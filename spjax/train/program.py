@@ -16,12 +16,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from spjax import attention
-from spjax import model as model_lib
-from spjax import optim
-from spjax import sharding
-from spjax import step as step_lib
 from spjax.convert import hf
+from spjax.model import attention
+from spjax.model import model as model_lib
+from spjax.parallel import sharding
+from spjax.train import optim
+from spjax.train import step as step_lib
 
 
 def check_config(config) -> model_lib.ModelConfig:

@@ -10,7 +10,7 @@ import math
 import jax
 from flax import nnx
 
-from spjax import sharding
+from spjax.parallel import sharding
 
 
 def shard_bytes(x: jax.ShapeDtypeStruct) -> int:

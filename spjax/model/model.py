@@ -3,10 +3,10 @@
 A few switches cover the GPT-NeoX family too (LayerNorm with bias, GeLU MLP, parallel residual, partial
 rotary, biases), so Hugging Face checkpoints of either family load into this one model.
 
-Every parameter and activation dimension carries a logical axis name (spjax/sharding.py lists the
+Every parameter and activation dimension carries a logical axis name (spjax/parallel/sharding.py lists the
 vocabulary); the model never names a mesh axis. A layout decides where each tensor lives.
 
-Hyper-parameters and sizes are in spjax/model_config.py, the block in spjax/layers.py.
+Hyper-parameters and sizes are in spjax/model/config.py, the block in spjax/model/layers.py.
 
 Shapes in comments: B batch, T length, S cache slots, D d_model, H heads, K kv_heads, G = H // K,
 Dh head_dim, R rotary dims, F mlp_dim, V vocab, L layers.
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spjax.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, param
-from spjax.model_config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
-from spjax.sharding import constrain
+from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
+from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, param
+from spjax.parallel.sharding import constrain
 
 
 @jax.tree_util.register_dataclass

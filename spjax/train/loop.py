@@ -7,12 +7,12 @@ import time
 import jax
 import numpy as np
 
-from spjax import checkpoint as checkpoint_lib
-from spjax import metrics as metrics_lib
-from spjax import preemption
-from spjax import program as program_lib
 from spjax.data import pipeline
 from spjax.data import tokenizer as tokenizer_lib
+from spjax.train import checkpoint as checkpoint_lib
+from spjax.train import metrics as metrics_lib
+from spjax.train import preemption
+from spjax.train import program as program_lib
 
 
 class BadStepError(RuntimeError):

@@ -1,6 +1,6 @@
 """Fused causal attention for training: Pallas splash attention.
 
-`model.attention = "splash"` replaces the einsum attention of spjax/layers.py (which materialises
+`model.attention = "splash"` replaces the einsum attention of spjax/model/layers.py (which materialises
 [B, K, G, T, S] float32 scores in HBM: on TPU most of the 1B's step, BENCHMARKS.md) with the
 splash kernel from jax.experimental.pallas: blockwise online softmax, scores kept on chip, blocks
 above the diagonal skipped, packed documents kept apart by segment ids inside each block. On TPU
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash_lib
 
-from spjax import sharding
+from spjax.parallel import sharding
 
 IMPLS = ("auto", "xla", "splash")  # auto: splash on TPU where the run allows it, else xla
 BLOCK = 512  # q and kv block length: MaxText's default for TPU v4/v5; shorter sequences use T

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from spjax.sharding import constrain
+from spjax.parallel.sharding import constrain
 
 
 def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0):

@@ -6,7 +6,7 @@ batch always splits over both `data` and `fsdp`: FSDP is data parallelism whose 
 sharded too.
 """
 
-from spjax.sharding import Layout
+from spjax.parallel.sharding import Layout
 
 _BATCH = {"batch": ("data", "fsdp")}
 # Megatron-style tensor parallelism: heads and the MLP hidden dimension split, so each block needs

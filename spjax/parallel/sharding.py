@@ -60,7 +60,7 @@ class Layout:
   @classmethod
   def parse(cls, spec: str) -> "Layout":
     """A preset name, a "logical:mesh,mesh;logical:mesh" string, or a .json/.py rules file."""
-    from spjax import layouts  # presets are data that use this class
+    from spjax.parallel import layouts  # presets are data that use this class
     spec = spec.strip()
     if spec in layouts.PRESETS:
       return layouts.PRESETS[spec]

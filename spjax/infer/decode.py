@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
-from spjax import model as model_lib
+from spjax.model import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ def generate(model: model_lib.Transformer, prompts: Sequence[Sequence[int]], *,
              stop_tokens: Sequence[int] = (), seed: int = 0) -> list[list[int]]:
   """The completion of each prompt: at most `max_new_tokens` ids, cut before the first stop token.
 
-  Decoding runs on unrolled layers (`spjax.model.unrolled`); a scanned model is copied to that form
+  Decoding runs on unrolled layers (`spjax.model.model.unrolled`); a scanned model is copied to that form
   on each call, so callers that generate repeatedly convert once and pass the unrolled model.
   """
   sampling.validate()

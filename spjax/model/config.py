@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import ml_collections
 
-from spjax import attention as attention_lib
+from spjax.model import attention as attention_lib
 
 _CP = jax.checkpoint_policies
 # The matmul policies also keep what the splash kernel's backward reads (its output and log-sum-exp,

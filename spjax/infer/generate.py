@@ -70,9 +70,10 @@ def generate():
   import jax
   import ml_collections
   from flax import nnx
-  from spjax import decode, sharding
-  from spjax import model as model_lib
   from spjax.convert import hf, workdir
+  from spjax.infer import decode
+  from spjax.model import model as model_lib
+  from spjax.parallel import sharding
 
   config = None
   if _WORKDIR.value:  # the run's tokenizer and layout; mesh sizes fit the devices here
