@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from spjax import convert
 from spjax.infer import decode
 from spjax.model import model as model_lib
-from spjax.parallel import sharding
+from spjax.parallel import layouts, sharding
 
 CFG = dataclasses.replace(model_lib.SIZES["tiny"], dtype="float32", vocab_size=256)
 PROMPTS = [[5, 17, 42], [7, 1, 99, 3, 250, 8, 64], [12]]
@@ -180,7 +180,7 @@ sharding_of_q = {"fsdp": P(None, "fsdp", None, None), "tp": P(None, None, "tenso
 
 @pytest.mark.parametrize("layout", list(sharding_of_q))
 def test_sharded_decoding_gives_the_same_tokens(model, greedy, layout):
-  rules = sharding.Layout.parse(layout)
+  rules = layouts.parse(layout)
   mesh = sharding.make_mesh(zero_mesh_config(), rules)
   graphdef, state = nnx.split(model)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.flax_rules()):

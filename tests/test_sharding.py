@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import default
 from spjax.parallel import layouts
-from spjax.parallel.sharding import Layout, make_mesh
+from spjax.parallel.sharding import make_mesh
 from spjax.train import program
 
 
@@ -80,8 +80,8 @@ def test_three_spellings_parse_to_the_same_layout(tmp_path):
   rules_py.write_text("RULES = {'batch': ('data', 'fsdp'), 'embed': 'fsdp'}\n")
   preset = layouts.PRESETS["fsdp"]
   for spelling in (mtf, str(rules_json), str(rules_py)):
-    assert Layout.parse(spelling).rules == preset.rules
-  assert Layout.parse(mtf).spec(("layers", "embed", "mlp")) == P(None, "fsdp", None)
+    assert layouts.parse(spelling).rules == preset.rules
+  assert layouts.parse(mtf).spec(("layers", "embed", "mlp")) == P(None, "fsdp", None)
 
 
 def test_mtf_string_trains_the_same_placement_as_its_preset():
@@ -100,7 +100,7 @@ def test_mtf_string_trains_the_same_placement_as_its_preset():
 ])
 def test_bad_layout_strings_are_named(spec, needle):
   with pytest.raises(ValueError, match=needle):
-    Layout.parse(spec)
+    layouts.parse(spec)
 
 
 def test_mesh_axis_used_twice_in_one_tensor_names_the_tensor():

@@ -73,12 +73,12 @@ def generate():
   from spjax.convert import hf, workdir
   from spjax.infer import decode
   from spjax.model import model as model_lib
-  from spjax.parallel import sharding
+  from spjax.parallel import layouts, sharding
 
   config = None
   if _WORKDIR.value:  # the run's tokenizer and layout; mesh sizes fit the devices here
     config = ml_collections.ConfigDict(workdir.read_config(_WORKDIR.value))
-  layout = sharding.Layout.parse(_LAYOUT.value or (config.layout if config else "fsdp"))
+  layout = layouts.parse(_LAYOUT.value or (config.layout if config else "fsdp"))
   zeros = {axis: 0 for axis in sharding.MESH_AXES}  # 0 = the layout's own sizes
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"ici": zeros, "dcn": dict(zeros)}), layout)
   tokenizer_path = _TOKENIZER.value or (config.data.tokenizer if config else None)

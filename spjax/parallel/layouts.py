@@ -45,3 +45,8 @@ PRESETS = {
     "fsdp_tp_rs": Layout.from_rules(_BATCH | _FSDP | _TENSOR | {"act_embed": "tensor"},
                                     "fsdp_tp_rs", mesh={"fsdp": -1, "tensor": 2}),
 }
+
+
+def parse(spec: str) -> Layout:
+  """What `--config.layout` accepts: a preset name above, a rules string or a rules file."""
+  return Layout.parse(spec, PRESETS)

@@ -58,16 +58,18 @@ class Layout:
                dict(dcn_mesh or {"data": -1}), source)
 
   @classmethod
-  def parse(cls, spec: str) -> "Layout":
-    """A preset name, a "logical:mesh,mesh;logical:mesh" string, or a .json/.py rules file."""
-    from spjax.parallel import layouts  # presets are data that use this class
+  def parse(cls, spec: str, presets: dict | None = None) -> "Layout":
+    """A preset name (a key of `presets`), a "logical:mesh,mesh;logical:mesh" string, or a
+    .json/.py rules file. `spjax.parallel.layouts.parse` passes the named presets in, so this
+    module depends on nothing above it."""
+    presets = presets or {}
     spec = spec.strip()
-    if spec in layouts.PRESETS:
-      return layouts.PRESETS[spec]
+    if spec in presets:
+      return presets[spec]
     if spec.endswith((".json", ".py")):
       return _load_rules_file(spec)
     if ":" not in spec:
-      raise ValueError(f"layout {spec!r} is neither a preset ({', '.join(layouts.PRESETS)}), a "
+      raise ValueError(f"layout {spec!r} is neither a preset ({', '.join(presets)}), a "
                        "rules string like 'batch:data,fsdp;embed:fsdp', nor a .json/.py rules file")
     rules = {}
     for item in filter(None, (s.strip() for s in spec.split(";"))):

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from spjax.convert import hf
 from spjax.model import attention
 from spjax.model import model as model_lib
-from spjax.parallel import sharding
+from spjax.parallel import layouts, sharding
 from spjax.train import optim
 from spjax.train import step as step_lib
 
@@ -130,7 +130,7 @@ def build(config, devices=None) -> Program:
   model_cfg = check_config(config)
   if config.init_from:
     hf.check_matches(config.init_from, model_cfg)
-  layout = sharding.Layout.parse(config.layout)
+  layout = layouts.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)
   # Resolved before the model is built: the graphdef carries the attention the steps will trace.
   model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
