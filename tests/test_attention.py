@@ -2,6 +2,7 @@
 einsum attention computes, forward and backward, alone and under layouts; bad pairings fail early."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def splash_config(**overrides):
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    ({"layout": "fsdp_sp"}, "shards 'length'"),
+    ({"layout": "fsdp_sp"}, r"multiple of 128 x 2 context shards"),  # 64 queries per device
     ({"seq_len": 100}, "multiple of 128"),
     ({"model.dropout_rate": 0.1}, "model.dropout_rate"),
     ({"layout": "batch:data;act_heads:tensor", "mesh.ici.tensor": 2}, "act_kv_heads"),
@@ -96,3 +97,49 @@ def test_kernel_flops_count_the_causal_blocks_only():
   assert attention.kernel_flops("splash_mha_dkv_x", 1, 1, 2048, 64) == 4 * 2 * 2048**2 * 64 * 10 / 16
   with pytest.raises(ValueError, match="no FLOP count"):
     attention.kernel_flops("ragged_paged_attention", 1, 1, 512, 64)
+
+
+# Context parallelism: fsdp_sp shards `length` over sequence=2 (tests/test_train.py holds it to the dp
+# losses over 20 steps); these check the pieces.
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_balance_gives_shard_i_chunks_i_and_its_mirror_and_unbalance_inverts_it(cp):
+  x = jnp.arange(2 * 16 * cp).reshape(2, 16 * cp)  # rows of positions 0..T-1, T = 2cp chunks of 8
+  balanced = attention.balance(x, cp)
+  np.testing.assert_array_equal(attention.unbalance(balanced, cp), x)
+  per_shard = np.asarray(balanced[0]).reshape(cp, 2, 8)[:, :, 0] // 8  # chunk ids per device
+  np.testing.assert_array_equal(per_shard, [[i, 2 * cp - 1 - i] for i in range(cp)])
+
+
+def test_balanced_mask_is_causal_in_natural_positions_with_equal_work_per_shard():
+  seq_len, cp, block = 1024, 4, 128
+  mask = attention._BalancedCausalMask(seq_len, cp)
+  dense = mask[:, :]  # [queries in balanced order, keys in natural order]
+  natural = np.asarray(attention.balance(jnp.arange(seq_len)[None], cp))[0]
+  np.testing.assert_array_equal(dense, natural[:, None] >= np.arange(seq_len)[None, :])
+  # Blocks the kernel visits (any query may see any key of the block) per device's query shard.
+  blocks = dense.reshape(seq_len // block, block, seq_len // block, block).any(axis=(1, 3))
+  visited = blocks.reshape(cp, -1, blocks.shape[1]).sum(axis=(1, 2))
+  assert len(set(visited.tolist())) == 1, visited  # 9 each; contiguous shards would visit 3, 7, 11, 15
+
+
+def test_context_parallel_splash_gathers_keys_and_runs_the_kernel_per_query_shard():
+  cfg = splash_config(layout="fsdp_sp", seq_len=256)
+  prog = program.build(cfg)
+  assert prog.model_cfg.attention == "splash"
+  tokens = jnp.zeros((prog.global_batch, 256), jnp.int32)
+  def forward(params):
+    return nnx.merge(prog.graphdef, params)(tokens)
+  with prog.activate():
+    jaxpr = str(jax.make_jaxpr(prog._under_layout(forward))(prog.abstract_state()["params"]))
+  assert "all_gather" in jaxpr and "splash_mha_fwd" in jaxpr
+
+
+def test_auto_picks_context_parallel_splash_on_tpu_where_seq_len_allows():
+  layout = program.layouts.parse("fsdp_sp")
+  tpu = types.SimpleNamespace(shape={"sequence": 2, "fsdp": 4} | {a: 1 for a in (
+      "data", "tensor", "expert", "stage")}, devices=np.array([types.SimpleNamespace(platform="tpu")]))
+  auto = dataclasses.replace(CFG, attention="auto")
+  assert attention.choose(auto, 2048, layout, tpu) == "splash"
+  assert attention.choose(auto, 128, layout, tpu) == "xla"  # 64 queries per device: too few

@@ -74,6 +74,15 @@ def test_splash_attention_under_tensor_and_fsdp_sharding_gives_the_dp_losses(dp_
   np.testing.assert_allclose(losses, dp_run[0], rtol=1e-5)
 
 
+def test_context_parallel_splash_under_fsdp_sp_gives_the_dp_losses():
+  # Queries sharded by sequence (2 shards of 128), keys and values gathered, rows load balanced.
+  long = {"seq_len": 256, "per_device_batch_size": 1}
+  ref_losses, ref_params, _ = run_layout("dp", **long)
+  losses, params, _ = run_layout("fsdp_sp", **long, **{"model.attention": "splash"})
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
 def test_grad_accumulation_matches_one_big_batch():
   whole, _, _ = run_layout("fsdp", steps=3, per_device_batch_size=4)
   accumulated, _, _ = run_layout("fsdp", steps=3, per_device_batch_size=2, grad_accum_steps=2)

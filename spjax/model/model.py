@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spjax.model import attention as attention_lib
 from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
 from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, param
 from spjax.parallel.sharding import constrain
@@ -76,7 +77,15 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
+    # Context-parallel splash balances causal work by reordering each row's chunks (attention.py):
+    # once here, and back before the unembedding, so logits and targets stay in natural order.
+    cp = attention_lib.context_shards() if self.cfg.attention == "splash" else 1
+    if cp > 1:
+      tokens, positions, segment_ids = (attention_lib.balance(a, cp)
+                                        for a in (tokens, positions, segment_ids))
     x, _ = self._run(tokens, positions, segment_ids, dropout_key, None)
+    if cp > 1:
+      x = constrain(attention_lib.unbalance(x, cp), ("batch", "length", "act_embed"))
     return self._logits(x, ("batch", "length", "act_vocab"))
 
   def extend(self, tokens, positions, segment_ids, cache: KVCache):
