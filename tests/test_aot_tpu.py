@@ -6,7 +6,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.experimental import pallas as pl
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -14,6 +19,7 @@ import aot_tpu  # noqa: E402  (tools/ is a folder of scripts, not a package)
 
 from configs import default  # noqa: E402
 from spjax.model import attention  # noqa: E402
+from spjax.parallel import hlo  # noqa: E402
 from spjax.train import metrics  # noqa: E402
 
 needs_libtpu = pytest.mark.skipif(
@@ -75,3 +81,103 @@ def test_out_of_memory_message_is_read_as_bytes():
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (31.35G) exceeds available HBM (15.75G).")
   assert aot_tpu._oom_bytes(msg) == pytest.approx(31.35 * 1024**3)
+
+
+# Both estimators on hand-made HLO with a known answer: a conditional whose costly branch holds a
+# ConcatBitcast (costed -1 s by XLA), an op with the INT64_MAX "no estimate" sentinel, a costed op.
+COND_HLO = """HloModule toy, is_scheduled=true
+
+%skip (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %e = f32[2]{0} exponential(%p), backend_config={"estimated_cycles":"10"}
+}
+
+%update (q: f32[2]) -> f32[2] {
+  %q = f32[2]{0} parameter(0)
+  %l = f32[2]{0} log(%q), backend_config={"estimated_cycles":"30"}
+  ROOT %c = f32[2]{0} custom-call(%l), custom_call_target="ConcatBitcast"
+}
+
+ENTRY %main (x: f32[2], ok: pred[], i: s32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0)
+  %ok = pred[] parameter(1)
+  %i = s32[2]{0} parameter(2)
+  %g = f32[2]{0} gather(%x, %i), metadata={op_name="jit(f)/jvp()/take_along_axis"}, backend_config={"estimated_cycles":"9223372036854775807"}
+  %m = f32[2]{0} multiply(%g, %g), backend_config={"estimated_cycles":"5"}
+  ROOT %r = f32[2]{0} conditional(%ok, %m, %m), branch_computations={%skip, %update}
+}
+"""
+
+STRAIGHT_HLO = """HloModule toy, is_scheduled=true
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0)
+  %a = f32[2]{0} custom-call(%x), custom_call_target="ConcatBitcast"
+  %b = f32[2]{0} custom-call(%a), custom_call_target="ConcatBitcast"
+  ROOT %m = f32[2]{0} multiply(%b, %b), backend_config={"estimated_cycles":"5"}
+}
+"""
+
+
+def test_cycle_sum_takes_the_costliest_branch_and_never_sums_a_sentinel():
+  s = hlo.cycle_sum(COND_HLO)
+  assert sum(s.cycles.values()) == 5 + 30  # entry multiply + the update branch; not skip's 10
+  assert s.sentinels == [("g", "forward: take_along_axis", 1)]
+
+
+def test_xla_estimate_adds_back_the_minus_one_second_custom_calls():
+  x = hlo.xla_estimate(-1.25, STRAIGHT_HLO)
+  assert x.seconds == pytest.approx(0.75) and x.uncosted_calls == 2 and not x.refusal
+
+
+def test_xla_estimate_refuses_a_branch_it_cannot_cost():
+  x = hlo.xla_estimate(-0.5, COND_HLO)
+  assert x.seconds is None and "conditional r: branch update holds 1" in x.refusal
+  assert hlo.xla_estimate(None, STRAIGHT_HLO).seconds is None
+
+
+@pytest.fixture(scope="module")
+def tpu_compile():
+  """fn(*shapes) -> (HLO text, optimal_seconds) compiled for one v5e chip, in this process."""
+  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-16"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(key, value)
+  from jax.experimental import topologies
+  chip = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[:1]
+  replicated = NamedSharding(Mesh(np.array(chip), ("x",)), PartitionSpec())
+
+  def compile_(fn, *shapes):
+    args = [jax.ShapeDtypeStruct(s, d, sharding=replicated) for s, d in shapes]
+    c = jax.jit(fn).lower(*args).compile()
+    return c.as_text(), c.cost_analysis().get("optimal_seconds")
+  return compile_
+
+
+MATRIX = ((512, 512), jnp.bfloat16)
+
+
+@needs_libtpu
+def test_cycle_sum_counts_a_loop_body_per_iteration(tpu_compile):
+  def loop(n):
+    return lambda a, b: jax.lax.fori_loop(0, n, lambda i, x: x @ b, a)
+  totals = [sum(hlo.cycle_sum(tpu_compile(loop(n), MATRIX, MATRIX)[0]).cycles.values())
+            for n in (8, 16, 24)]
+  assert totals[1] - totals[0] == totals[2] - totals[1] > 0  # 8 more iterations, 8 more bodies
+
+
+@needs_libtpu
+def test_xla_estimate_on_compiled_programs(tpu_compile):
+  text, raw = tpu_compile(lambda a, b: (a @ b) @ b, MATRIX, MATRIX)
+  assert raw > 0 and hlo.xla_estimate(raw, text).seconds == raw  # nothing to correct
+  text, raw = tpu_compile(lambda a, b: jax.lax.fori_loop(0, 8, lambda i, x: x @ b, a),
+                          MATRIX, MATRIX)
+  x = hlo.xla_estimate(raw, text)
+  assert x.seconds is None and "while loop" in x.refusal
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
+  double = lambda a: pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(a.shape, a.dtype))(a)
+  text, raw = tpu_compile(lambda a: double(a) @ a, MATRIX)
+  x = hlo.xla_estimate(raw, text)
+  assert x.seconds is None and "Pallas" in x.refusal
