@@ -42,6 +42,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.seq_len = 128 if arg == "tiny" else 2048
   c.grad_accum_steps = 1            # microbatches per optimizer step (scanned, summed gradients)
   c.z_loss = 0.0                    # weight of log(Z)^2 (PaLM); keeps logits from drifting in bf16
+  # Unembed and score this many positions at a time (a divisor of seq_len), never holding the
+  # [B, T, V] float32 logits; costs a second vocabulary matmul forward. 0 = all at once.
+  c.loss_chunk_size = 0
 
   c.data = ml_collections.ConfigDict()
   # "embedded" (Python's own docs, shipped with every install), "slimpajama:DIR" (the published
