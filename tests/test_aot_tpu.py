@@ -54,7 +54,12 @@ def test_tiny_on_v5e_2x2(tmp_path):
   assert r["model_flops_per_step"] == metrics.flops_per_token(cfg.model, cfg.seq_len) * tokens
   assert r["estimated_step_seconds"] >= r["compute_seconds"] > 0 and 0 < r["estimated_mfu"] < 1
   assert r["cost_model_time_shares"] and r["collectives"]["count"]["all-gather"] > 0  # fsdp
-  assert "ESTIMATE MFU" in proc.stdout and "fits" in proc.stdout
+  assert "ESTIMATE MFU (cycle sum)" in proc.stdout and "fits" in proc.stdout
+  assert r["cycle_sum_unestimated_ops"] == []
+  # Scanned layers are a while loop: XLA's optimal_seconds is refused, not printed as a step time.
+  x = r["xla_estimate"]
+  assert x["step_seconds"] is None and "while loop" in x["refused"] and x["raw_optimal_seconds"]
+  assert "XLA optimal_seconds" in proc.stdout and "refused: " in proc.stdout
 
 
 @needs_libtpu
