@@ -131,14 +131,20 @@ def test_cycle_sum_takes_the_costliest_branch_and_never_sums_a_sentinel():
 
 
 def test_xla_estimate_adds_back_the_minus_one_second_custom_calls():
-  x = hlo.xla_estimate(-1.25, STRAIGHT_HLO)
+  x = hlo.xla_estimate(-1.25, STRAIGHT_HLO, clock=1e9)
   assert x.seconds == pytest.approx(0.75) and x.uncosted_calls == 2 and not x.refusal
+  assert hlo.xla_estimate(None, STRAIGHT_HLO, clock=1e9).seconds is None
 
 
-def test_xla_estimate_refuses_a_branch_it_cannot_cost():
-  x = hlo.xla_estimate(-0.5, COND_HLO)
-  assert x.seconds is None and "conditional r: branch update holds 1" in x.refusal
-  assert hlo.xla_estimate(None, STRAIGHT_HLO).seconds is None
+def test_xla_estimate_restores_the_branch_its_max_dropped():
+  # At 100 cycles/s the update branch costs 0.3 s, under the 1 s its ConcatBitcast takes off, so
+  # XLA's max kept the skip branch (0.1 s): the 0.2 s between them goes back on.
+  x = hlo.xla_estimate(2.0, COND_HLO, clock=100)
+  assert x.seconds == pytest.approx(2.2) and x.branch_correction == pytest.approx(0.2)
+  assert x.uncosted_calls == 0  # the branch's call is not also added back as +1 s
+  # At 10 cycles/s the update branch costs 3 s: it may have won the max after all. No number.
+  x = hlo.xla_estimate(2.0, COND_HLO, clock=10)
+  assert x.seconds is None and "conditional r" in x.refusal
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +180,23 @@ def test_cycle_sum_counts_a_loop_body_per_iteration(tpu_compile):
 @needs_libtpu
 def test_xla_estimate_on_compiled_programs(tpu_compile):
   text, raw = tpu_compile(lambda a, b: (a @ b) @ b, MATRIX, MATRIX)
-  assert raw > 0 and hlo.xla_estimate(raw, text).seconds == raw  # nothing to correct
+  assert raw > 0 and hlo.xla_estimate(raw, text, 1.5e9).seconds == raw  # nothing to correct
+  # A conditional without -1 s calls: XLA's max over branches stands, and so does the cycle
+  # sum's, which counts the two-matmul branch and not both.
+  text, raw = tpu_compile(lambda a, b, p: jax.lax.cond(p, lambda: a @ b, lambda: a @ b @ b),
+                          MATRIX, MATRIX, ((), jnp.bool_))
+  assert hlo.xla_estimate(raw, text, 1.5e9).seconds == raw
+  one, two = (sum(hlo.cycle_sum(tpu_compile(f, MATRIX, MATRIX)[0]).cycles.values())
+              for f in (lambda a, b: a @ b, lambda a, b: a @ b @ b))
+  assert two <= sum(hlo.cycle_sum(text).cycles.values()) < one + two
   text, raw = tpu_compile(lambda a, b: jax.lax.fori_loop(0, 8, lambda i, x: x @ b, a),
                           MATRIX, MATRIX)
-  x = hlo.xla_estimate(raw, text)
+  x = hlo.xla_estimate(raw, text, 1.5e9)
   assert x.seconds is None and "while loop" in x.refusal
 
   def kernel(x_ref, o_ref):
     o_ref[...] = x_ref[...] * 2
   double = lambda a: pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(a.shape, a.dtype))(a)
   text, raw = tpu_compile(lambda a: double(a) @ a, MATRIX)
-  x = hlo.xla_estimate(raw, text)
+  x = hlo.xla_estimate(raw, text, 1.5e9)
   assert x.seconds is None and "Pallas" in x.refusal

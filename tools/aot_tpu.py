@@ -26,8 +26,10 @@ compile time, the collectives of the compiled step, and ESTIMATES of step time a
 
 A second, labelled estimate is XLA's own `compiled.cost_analysis()["optimal_seconds"]`, the figure
 MaxText users quote, corrected by spjax.parallel.hlo.xla_estimate: +1 s for each custom call it sums
-at -1 s; refused (no number) where the program has while loops (scanned layers, accumulation: a
-body is costed once), Pallas kernels, or -1 s calls inside a conditional's branch.
+at -1 s, and for a conditional branch those calls made XLA's max over branches drop (the update
+branch of optax.apply_if_finite) the cycle model's difference to the branch it kept; refused (no
+number) where the program has while loops (scanned layers, accumulation: a body is costed once)
+or Pallas kernels.
 
 Compiler flags go through the environment as usual (`LIBTPU_INIT_ARGS=...`) and are recorded in the
 JSON, e.g. windowed einsum off for FSDP on v5e (BENCHMARKS.md).
@@ -178,7 +180,8 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
   comm = sum(_WIRE[k] * b for k, b in coll.bytes.items()) / CHIPS[chip]["ici"]
   step = max(compute, comm)
   top = sorted(cycles.items(), key=lambda kv: -kv[1])[:10]
-  xla = hlo.xla_estimate(real.executable.cost_analysis().get("optimal_seconds"), text)
+  xla = hlo.xla_estimate(real.executable.cost_analysis().get("optimal_seconds"), text,
+                         CHIPS[chip]["clock"])
   mfu = lambda seconds: model_flops / (seconds * chips * peak)
   result.update(
       collectives={"count": coll.count, "bytes_per_device": coll.bytes},
@@ -193,6 +196,7 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
       xla_estimate={"method": "compiled.cost_analysis()['optimal_seconds'], +1 s per custom call "
                               "it sums at -1 s (what MaxText users quote)",
                     "raw_optimal_seconds": xla.raw_seconds, "uncosted_custom_calls": xla.uncosted_calls,
+                    "branch_correction_seconds": xla.branch_correction,
                     "step_seconds": xla.seconds, "mfu": mfu(xla.seconds) if xla.seconds else None,
                     "refused": xla.refusal or None})
   return result
@@ -236,7 +240,8 @@ def table(r: dict) -> str:
   else:
     lines += [f"  XLA optimal_seconds step time    {x['step_seconds']:10.4g} s  (raw "
               f"{x['raw_optimal_seconds']:.4g} s, +1 s for each of {x['uncosted_custom_calls']} "
-              f"custom calls costed at -1 s)",
+              f"custom calls costed at -1 s, +{x['branch_correction_seconds']:.4g} s for "
+              f"dropped conditional branches)",
               f"  XLA optimal_seconds MFU          {x['mfu']:10.3f}"]
   lines += [
       "  where the cost model spends the step (share of compute cycles):",

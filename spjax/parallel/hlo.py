@@ -172,7 +172,10 @@ def cycle_sum(hlo_text: str) -> CycleSum:
   """Per-op `estimated_cycles` of a TPU compile summed over what one step executes: a while body
   once per iteration, a conditional's costliest branch only (the one that updates the state, for
   optax.apply_if_finite). Empty for other backends."""
-  computations, entry = _parse(hlo_text)
+  return _cycle_sum(*_parse(hlo_text))
+
+
+def _cycle_sum(computations, entry) -> CycleSum:
   memo = {}
 
   def cost(comp):
@@ -216,17 +219,23 @@ class XlaEstimate:
   None, `refusal` says why) where the number cannot mean a step time."""
   seconds: float | None
   raw_seconds: float | None
-  uncosted_calls: int  # custom calls the cost model summed at -1 s, each added back as +1 s
+  uncosted_calls: int  # custom calls outside conditionals summed at -1 s, each added back as +1 s
   refusal: str = ""
+  # Seconds added for conditionals whose costliest branch XLA's max dropped (see xla_estimate).
+  branch_correction: float = 0.0
 
 
-def xla_estimate(optimal_seconds, hlo_text: str) -> XlaEstimate:
+def xla_estimate(optimal_seconds, hlo_text: str, clock: float) -> XlaEstimate:
   """Corrects XLA's figure for what its TPU cost analysis gets wrong about a train step:
 
   - custom calls in UNCOSTED_CUSTOM_CALLS count -1 s each: +1 s per executed call;
-  - a conditional costs its costliest branch; with such -1 s calls inside a branch the real
-    branch can lose that max (optax.apply_if_finite's update branch does), and what it cost is not
-    in the total: refused;
+  - a conditional counts its costliest branch, and a branch holding k such calls counts k seconds
+    short, so it loses that max to any branch without them whenever it really costs under k
+    seconds (optax.apply_if_finite's update branch loses to the skip branch). The total then holds
+    the costliest branch without such calls; the difference to the costliest branch is added, in
+    the cycle model's terms (its `estimated_cycles` / `clock`, Hz), since XLA's own is lost.
+    Refused where that reasoning does not hold (every branch has such calls, or the branch costs
+    more than k seconds);
   - a while loop's body is costed once, whatever its trip count: refused (scanned layers and
     gradient accumulation are loops; compile unrolled, without accumulation);
   - Pallas kernels (tpu_custom_call) are outside the cost analysis: refused.
@@ -244,15 +253,28 @@ def xla_estimate(optimal_seconds, hlo_text: str) -> XlaEstimate:
   if kernels:
     return XlaEstimate(None, optimal_seconds, 0, f"{len(kernels)} Pallas kernel call(s): not in "
                        "cost_analysis() (model.attention=xla gives XLA's figure)")
+  inside = set()  # computations under a conditional: their -1 s calls are handled per branch
+  correction = 0.0
   for cond in (i for i in instrs if i.opcode == "conditional"):
+    branches = []  # (name, -1 s calls, cycle-model seconds)
     for _, branch in _callees(cond, computations):
-      n = sum(_uncosted(i) for c in _reachable(computations, branch) for i in computations[c])
-      if n:
-        return XlaEstimate(None, optimal_seconds, n, f"conditional {cond.name}: branch {branch} "
-                           f"holds {n} custom call(s) costed at -1 s, and cost_analysis() keeps "
-                           "only the costliest branch, so what that branch costs is lost")
-  n = sum(_uncosted(i) for i in instrs)
-  return XlaEstimate(optimal_seconds + n, optimal_seconds, n)
+      below = _reachable(computations, branch)
+      inside.update(below)
+      k = sum(_uncosted(i) for c in below for i in computations[c])
+      branches.append((branch, k, sum(_cycle_sum(computations, branch).cycles.values()) / clock))
+    if not any(k for _, k, _ in branches):
+      continue  # XLA's max over branches is right as it stands
+    clean = [b for b in branches if not b[1]]
+    costly = max(branches, key=lambda b: b[2])
+    bad = [b for b in branches if b[1] and b[2] >= b[1]]
+    if not clean or bad:
+      return XlaEstimate(None, optimal_seconds, 0, f"conditional {cond.name}: its branches hold "
+                         "custom calls costed at -1 s in a way the max over branches cannot be "
+                         "undone for")
+    correction += costly[2] - max(b[2] for b in clean)
+  n = sum(_uncosted(i) for c in reachable if c not in inside for i in computations[c])
+  return XlaEstimate(optimal_seconds + n + correction, optimal_seconds, n,
+                     branch_correction=correction)
 
 
 def _is_target(instr: _Instr, target: str) -> bool:
