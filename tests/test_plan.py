@@ -110,3 +110,14 @@ def test_size_defaults_fit_the_topologies_the_docs_show(size, topology, hbm_gib)
   fits = plan.estimate_bytes(cfg, devices)
   cfg.model.remat_policy = "none"
   assert fits < hbm_gib * GIB and fits < plan.estimate_bytes(cfg, devices)
+
+
+def test_cli_names_a_bad_search_space_and_exits_2(tmp_path):
+  import subprocess
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "tools", "plan.py"),
+       "--config=" + os.path.join(REPO, "configs", "default.py") + ":tiny", "--topology=v5e:2x2",
+       "--layouts=fsdp,nope", f"--cache_dir={tmp_path}", f"--out={tmp_path / 'p.py'}"],
+      capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+  assert proc.returncode == 2 and "--layouts ['nope']" in proc.stderr
