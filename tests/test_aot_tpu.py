@@ -6,7 +6,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.experimental import pallas as pl
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -14,6 +19,7 @@ import aot_tpu  # noqa: E402  (tools/ is a folder of scripts, not a package)
 
 from configs import default  # noqa: E402
 from spjax.model import attention  # noqa: E402
+from spjax.parallel import hlo  # noqa: E402
 from spjax.train import metrics  # noqa: E402
 
 needs_libtpu = pytest.mark.skipif(
@@ -48,7 +54,12 @@ def test_tiny_on_v5e_2x2(tmp_path):
   assert r["model_flops_per_step"] == metrics.flops_per_token(cfg.model, cfg.seq_len) * tokens
   assert r["estimated_step_seconds"] >= r["compute_seconds"] > 0 and 0 < r["estimated_mfu"] < 1
   assert r["cost_model_time_shares"] and r["collectives"]["count"]["all-gather"] > 0  # fsdp
-  assert "ESTIMATE MFU" in proc.stdout and "fits" in proc.stdout
+  assert "ESTIMATE MFU (cycle sum)" in proc.stdout and "fits" in proc.stdout
+  assert r["cycle_sum_unestimated_ops"] == []
+  # Scanned layers are a while loop: XLA's optimal_seconds is refused, not printed as a step time.
+  x = r["xla_estimate"]
+  assert x["step_seconds"] is None and "while loop" in x["refused"] and x["raw_optimal_seconds"]
+  assert "XLA optimal_seconds" in proc.stdout and "refused: " in proc.stdout
 
 
 @needs_libtpu
@@ -75,3 +86,117 @@ def test_out_of_memory_message_is_read_as_bytes():
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (31.35G) exceeds available HBM (15.75G).")
   assert aot_tpu._oom_bytes(msg) == pytest.approx(31.35 * 1024**3)
+
+
+# Both estimators on hand-made HLO with a known answer: a conditional whose costly branch holds a
+# ConcatBitcast (costed -1 s by XLA), an op with the INT64_MAX "no estimate" sentinel, a costed op.
+COND_HLO = """HloModule toy, is_scheduled=true
+
+%skip (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %e = f32[2]{0} exponential(%p), backend_config={"estimated_cycles":"10"}
+}
+
+%update (q: f32[2]) -> f32[2] {
+  %q = f32[2]{0} parameter(0)
+  %l = f32[2]{0} log(%q), backend_config={"estimated_cycles":"30"}
+  ROOT %c = f32[2]{0} custom-call(%l), custom_call_target="ConcatBitcast"
+}
+
+ENTRY %main (x: f32[2], ok: pred[], i: s32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0)
+  %ok = pred[] parameter(1)
+  %i = s32[2]{0} parameter(2)
+  %g = f32[2]{0} gather(%x, %i), metadata={op_name="jit(f)/jvp()/take_along_axis"}, backend_config={"estimated_cycles":"9223372036854775807"}
+  %m = f32[2]{0} multiply(%g, %g), backend_config={"estimated_cycles":"5"}
+  ROOT %r = f32[2]{0} conditional(%ok, %m, %m), branch_computations={%skip, %update}
+}
+"""
+
+STRAIGHT_HLO = """HloModule toy, is_scheduled=true
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0)
+  %a = f32[2]{0} custom-call(%x), custom_call_target="ConcatBitcast"
+  %b = f32[2]{0} custom-call(%a), custom_call_target="ConcatBitcast"
+  ROOT %m = f32[2]{0} multiply(%b, %b), backend_config={"estimated_cycles":"5"}
+}
+"""
+
+
+def test_cycle_sum_takes_the_costliest_branch_and_never_sums_a_sentinel():
+  s = hlo.cycle_sum(COND_HLO)
+  assert sum(s.cycles.values()) == 5 + 30  # entry multiply + the update branch; not skip's 10
+  assert s.sentinels == [("g", "forward: take_along_axis", 1)]
+
+
+def test_xla_estimate_adds_back_the_minus_one_second_custom_calls():
+  x = hlo.xla_estimate(-1.25, STRAIGHT_HLO, clock=1e9)
+  assert x.seconds == pytest.approx(0.75) and x.uncosted_calls == 2 and not x.refusal
+  assert hlo.xla_estimate(None, STRAIGHT_HLO, clock=1e9).seconds is None
+
+
+def test_xla_estimate_restores_the_branch_its_max_dropped():
+  # At 100 cycles/s the update branch costs 0.3 s, under the 1 s its ConcatBitcast takes off, so
+  # XLA's max kept the skip branch (0.1 s): the 0.2 s between them goes back on.
+  x = hlo.xla_estimate(2.0, COND_HLO, clock=100)
+  assert x.seconds == pytest.approx(2.2) and x.branch_correction == pytest.approx(0.2)
+  assert x.uncosted_calls == 0  # the branch's call is not also added back as +1 s
+  # At 10 cycles/s the update branch costs 3 s: it may have won the max after all. No number.
+  x = hlo.xla_estimate(2.0, COND_HLO, clock=10)
+  assert x.seconds is None and "conditional r" in x.refusal
+
+
+@pytest.fixture(scope="module")
+def tpu_compile():
+  """fn(*shapes) -> (HLO text, optimal_seconds) compiled for one v5e chip, in this process."""
+  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-16"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(key, value)
+  from jax.experimental import topologies
+  chip = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[:1]
+  replicated = NamedSharding(Mesh(np.array(chip), ("x",)), PartitionSpec())
+
+  def compile_(fn, *shapes):
+    args = [jax.ShapeDtypeStruct(s, d, sharding=replicated) for s, d in shapes]
+    c = jax.jit(fn).lower(*args).compile()
+    return c.as_text(), c.cost_analysis().get("optimal_seconds")
+  return compile_
+
+
+MATRIX = ((512, 512), jnp.bfloat16)
+
+
+@needs_libtpu
+def test_cycle_sum_counts_a_loop_body_per_iteration(tpu_compile):
+  def loop(n):
+    return lambda a, b: jax.lax.fori_loop(0, n, lambda i, x: x @ b, a)
+  totals = [sum(hlo.cycle_sum(tpu_compile(loop(n), MATRIX, MATRIX)[0]).cycles.values())
+            for n in (8, 16, 24)]
+  assert totals[1] - totals[0] == totals[2] - totals[1] > 0  # 8 more iterations, 8 more bodies
+
+
+@needs_libtpu
+def test_xla_estimate_on_compiled_programs(tpu_compile):
+  text, raw = tpu_compile(lambda a, b: (a @ b) @ b, MATRIX, MATRIX)
+  assert raw > 0 and hlo.xla_estimate(raw, text, 1.5e9).seconds == raw  # nothing to correct
+  # A conditional without -1 s calls: XLA's max over branches stands, and so does the cycle
+  # sum's, which counts the two-matmul branch and not both.
+  text, raw = tpu_compile(lambda a, b, p: jax.lax.cond(p, lambda: a @ b, lambda: a @ b @ b),
+                          MATRIX, MATRIX, ((), jnp.bool_))
+  assert hlo.xla_estimate(raw, text, 1.5e9).seconds == raw
+  one, two = (sum(hlo.cycle_sum(tpu_compile(f, MATRIX, MATRIX)[0]).cycles.values())
+              for f in (lambda a, b: a @ b, lambda a, b: a @ b @ b))
+  assert two <= sum(hlo.cycle_sum(text).cycles.values()) < one + two
+  text, raw = tpu_compile(lambda a, b: jax.lax.fori_loop(0, 8, lambda i, x: x @ b, a),
+                          MATRIX, MATRIX)
+  x = hlo.xla_estimate(raw, text, 1.5e9)
+  assert x.seconds is None and "while loop" in x.refusal
+
+  def kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
+  double = lambda a: pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(a.shape, a.dtype))(a)
+  text, raw = tpu_compile(lambda a: double(a) @ a, MATRIX)
+  x = hlo.xla_estimate(raw, text, 1.5e9)
+  assert x.seconds is None and "Pallas" in x.refusal

@@ -73,6 +73,14 @@ class Transformer(nnx.Module):
     positions/segment_ids [B, T] come from packing (segment 0 is padding); by default one document
     per row. `dropout_key=None` means eval (no dropout).
     """
+    return self.logits(self.hidden(tokens, positions, segment_ids, dropout_key=dropout_key))
+
+  def hidden(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
+    """tokens [B, T] int -> final hidden states [B, T, D] (after the final norm), compute dtype.
+
+    `__call__` without the vocabulary matmul, for losses that unembed a slice at a time
+    (spjax/train/loss.py).
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
@@ -86,7 +94,14 @@ class Transformer(nnx.Module):
     x, _ = self._run(tokens, positions, segment_ids, dropout_key, None)
     if cp > 1:
       x = constrain(attention_lib.unbalance(x, cp), ("batch", "length", "act_embed"))
+    return x
+
+  def logits(self, x):  # final hidden states [B, T, D] -> logits [B, T, V] float32
     return self._logits(x, ("batch", "length", "act_vocab"))
+
+  def unembedding(self):
+    """The [D, V] table the logits are `x @ table` of, in the param dtype."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
 
   def extend(self, tokens, positions, segment_ids, cache: KVCache):
     """Runs tokens [B, T] at cache slots index..index+T (eval mode): (logits [B, V], cache).
@@ -102,8 +117,7 @@ class Transformer(nnx.Module):
     return logits, KVCache(k, v, segments, cache.index + tokens.shape[1])
 
   def _logits(self, x, names):  # [..., D] -> [..., V] float32
-    table = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]  # [D, V]
-    return constrain(x @ table.astype(self.cfg.dtype), names).astype(jnp.float32)
+    return unembed(x, self.unembedding(), self.cfg.dtype, names)
 
   def _run(self, tokens, positions, segment_ids, dropout_key, cached):
     """-> (final hidden states [B, T, D], with `cached` the per-layer caches (k, v) updated)."""
@@ -139,6 +153,11 @@ class Transformer(nnx.Module):
         per_layer.append(kv)
       new_kv = None if cached is None else tuple(zip(*per_layer))  # ((k per layer), (v per layer))
     return self.final_norm(x), new_kv
+
+
+def unembed(x, table, dtype, names):
+  """[..., D] hidden states x the [D, V] table in `dtype` -> [..., V] float32 logits on `names`."""
+  return constrain(x @ table.astype(dtype), names).astype(jnp.float32)
 
 
 def unrolled(model: Transformer) -> Transformer:

@@ -46,3 +46,59 @@ def state_bytes(prog) -> dict:
   total = lambda tree: sum(shard_bytes(x) for x in jax.tree.leaves(tree))
   return {"params": total(state["params"]), "opt_state": total(state["opt_state"]),
           "batch": total(prog.abstract_batch())}
+
+
+def _shards(prog, logical: str) -> int:
+  """Devices one dimension with this logical name splits over (1 if replicated)."""
+  return math.prod(prog.mesh.shape[a] for a in dict(prog.layout.rules).get(logical, ()))
+
+
+def activation_bytes(prog) -> dict:
+  """A shape-only estimate of the step's activation memory per device, by part.
+
+  What the remat policy keeps per layer for the backward pass (compute dtype), one layer's
+  recompute working set, and the loss's logits (float32 logits, their gradient and the compute-
+  dtype product, all at once unless config.loss_chunk_size splits them). An estimate for skipping
+  what cannot fit, not what the compiler will allocate (it fuses, reorders and pads).
+  """
+  cfg, c = prog.model_cfg, prog.config
+  e = 4 if cfg.dtype == "float32" else 2
+  rows = c.per_device_batch_size * prog.mesh.size // _shards(prog, "batch")
+  tokens = rows * c.seq_len // _shards(prog, "length")
+  d = cfg.d_model // _shards(prog, "act_embed")
+  q = cfg.num_heads * cfg.head_dim // _shards(prog, "act_heads")
+  kv = cfg.num_kv_heads * cfg.head_dim // _shards(prog, "act_kv_heads")
+  f = cfg.mlp_dim // _shards(prog, "act_mlp")
+  v = cfg.vocab_size // _shards(prog, "act_vocab")
+  matmul_outputs = tokens * (q + 2 * kv + d + 2 * f + d) * e  # q, k, v, out, gate, up, down
+  attention = tokens * q * e + tokens * q // cfg.head_dim * 4  # splash output and log-sum-exp
+  scores = rows * (cfg.num_heads // _shards(prog, "act_heads")) * c.seq_len ** 2 * e
+  elementwise = tokens * (2 * d + 2 * f) * e  # norms, activation, gated product
+  per_layer = {
+      "full": tokens * d * e,  # the layer's input only
+      "save_dots_no_batch": tokens * d * e + matmul_outputs + attention,
+      "save_dots": tokens * d * e + matmul_outputs + attention +
+                   (scores if cfg.attention == "xla" else 0),
+      "none": tokens * d * e + matmul_outputs + attention + elementwise +
+              (2 * scores if cfg.attention == "xla" else 0),
+  }[cfg.remat_policy]
+  # One layer forward and backward at a time: its outputs, their gradients, float32 MLP grads.
+  working = matmul_outputs + elementwise + 2 * tokens * f * 4
+  positions = c.loss_chunk_size or c.seq_len
+  logits = tokens * positions // c.seq_len * v * (4 + 4 + e)
+  return {"saved_layers": cfg.num_layers * per_layer, "layer_working_set": working,
+          "logits": logits}
+
+
+def step_bytes(prog) -> dict:
+  """Everything one device holds during a train step (estimate): state, gradients (and their
+  accumulator under grad_accum_steps), activations, and the bf16 weights of the layer FSDP has
+  gathered."""
+  parts = state_bytes(prog)
+  parts["gradients"] = parts["params"] * (2 if prog.config.grad_accum_steps > 1 else 1)
+  cfg = prog.model_cfg
+  layer = cfg.num_params() // cfg.num_layers if cfg.num_layers else 0
+  parts["gathered_layer"] = 2 * layer * 2 // _shards(prog, "mlp")  # this layer's and the next's
+  parts.update(activation_bytes(prog))
+  parts["total"] = sum(parts.values())
+  return parts

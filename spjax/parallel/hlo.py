@@ -21,7 +21,8 @@ _SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+) .*\{\s*$")
 _COMMENT = re.compile(r"/\*.*?\*/")
-_CALLS = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|called_computations)"
+_CALLS = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|called_computations|"
+                    r"true_computation|false_computation)"
                     r"=(\{[^}]*\}|%[\w.\-]+)")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -152,18 +153,152 @@ def collectives(hlo_text: str) -> Collectives:
   return Collectives(count, nbytes)
 
 
-def cycle_totals(hlo_text: str) -> dict:
-  """{category: estimated cycles} from the per-op `estimated_cycles` a TPU compile records: where
-  the cost model thinks the step spends its time. Empty for other backends."""
-  computations, entry = _parse(hlo_text)
-  times = _multipliers(computations, entry)
-  totals = collections.Counter()
-  for comp, instrs in computations.items():
-    for instr in instrs:
+# At or above this, `estimated_cycles` is the cost model's "no estimate" (libtpu 0.0.52 writes
+# INT64_MAX for a gather_offload_custom_fusion), not a duration: flagged, never summed.
+SENTINEL_CYCLES = 2**62
+# Custom calls XLA's TPU cost analysis sums into `optimal_seconds` at -1 s each (libtpu 0.0.52).
+UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
+
+
+@dataclasses.dataclass
+class CycleSum:
+  """The cost model's cycles over the executed ops: {category: cycles}, and the ops it left
+  without an estimate, [(op, category, executions)], which are not in `cycles`."""
+  cycles: dict
+  sentinels: list
+
+
+def cycle_sum(hlo_text: str) -> CycleSum:
+  """Per-op `estimated_cycles` of a TPU compile summed over what one step executes: a while body
+  once per iteration, a conditional's costliest branch only (the one that updates the state, for
+  optax.apply_if_finite). Empty for other backends."""
+  return _cycle_sum(*_parse(hlo_text))
+
+
+def _cycle_sum(computations, entry) -> CycleSum:
+  memo = {}
+
+  def cost(comp):
+    if comp in memo:
+      return memo[comp]
+    totals, sentinels = collections.Counter(), collections.Counter()
+    for instr in computations.get(comp, ()):
       m = _CYCLES.search(instr.attrs)
-      if m and times[comp]:
-        totals[_category(instr)] += times[comp] * int(m.group(1))
-  return dict(totals)
+      if m and int(m.group(1)) >= SENTINEL_CYCLES:
+        sentinels[(instr.name, _category(instr))] += 1
+      elif m:
+        totals[_category(instr)] += int(m.group(1))
+      called = _callees(instr, computations)
+      if instr.opcode == "conditional" and called:
+        branches = [cost(c) for _, c in called]
+        best = max(branches, key=lambda b: sum(b[0].values()))
+        totals.update(best[0])
+        for _, s in branches:  # every branch's unestimated ops get reported
+          sentinels.update(s)
+        continue
+      for kind, callee in called:
+        n = _trip_count(instr, computations) if kind == "body" else 1
+        t, s = cost(callee)
+        totals.update({k: n * v for k, v in t.items()})
+        sentinels.update({k: n * v for k, v in s.items()})
+    memo[comp] = totals, sentinels
+    return memo[comp]
+
+  totals, sentinels = cost(entry) if entry else ({}, {})
+  return CycleSum(dict(totals), [(op, cat, n) for (op, cat), n in sentinels.items()])
+
+
+def cycle_totals(hlo_text: str) -> dict:
+  """{category: estimated cycles}: where the cost model thinks the step spends its time."""
+  return cycle_sum(hlo_text).cycles
+
+
+@dataclasses.dataclass
+class XlaEstimate:
+  """XLA's own `cost_analysis()["optimal_seconds"]`, corrected where it can be, refused (seconds
+  None, `refusal` says why) where the number cannot mean a step time."""
+  seconds: float | None
+  raw_seconds: float | None
+  uncosted_calls: int  # custom calls outside conditionals summed at -1 s, each added back as +1 s
+  refusal: str = ""
+  # Seconds added for conditionals whose costliest branch XLA's max dropped (see xla_estimate).
+  branch_correction: float = 0.0
+
+
+def xla_estimate(optimal_seconds, hlo_text: str, clock: float) -> XlaEstimate:
+  """Corrects XLA's figure for what its TPU cost analysis gets wrong about a train step:
+
+  - custom calls in UNCOSTED_CUSTOM_CALLS count -1 s each: +1 s per executed call;
+  - a conditional counts its costliest branch, and a branch holding k such calls counts k seconds
+    short, so it loses that max to any branch without them whenever it really costs under k
+    seconds (optax.apply_if_finite's update branch loses to the skip branch). The total then holds
+    the costliest branch without such calls; the difference to the costliest branch is added, in
+    the cycle model's terms (its `estimated_cycles` / `clock`, Hz), since XLA's own is lost.
+    Refused where that reasoning does not hold (every branch has such calls, or the branch costs
+    more than k seconds);
+  - a while loop's body is costed once, whatever its trip count: refused (scanned layers and
+    gradient accumulation are loops; compile unrolled, without accumulation);
+  - Pallas kernels (tpu_custom_call) are outside the cost analysis: refused.
+  """
+  computations, entry = _parse(hlo_text)
+  reachable = _reachable(computations, entry)
+  instrs = [i for c in reachable for i in computations[c]]
+  if optimal_seconds is None:
+    return XlaEstimate(None, None, 0, "cost_analysis() gives no optimal_seconds")
+  loops = [i.name for i in instrs if i.opcode == "while"]
+  if loops:
+    return XlaEstimate(None, optimal_seconds, 0, f"{len(loops)} while loop(s) ({', '.join(loops[:3])}"
+                       "): cost_analysis() costs a loop body once, not per iteration")
+  kernels = [i.name for i in instrs if _is_target(i, "tpu_custom_call")]
+  if kernels:
+    return XlaEstimate(None, optimal_seconds, 0, f"{len(kernels)} Pallas kernel call(s): not in "
+                       "cost_analysis() (model.attention=xla gives XLA's figure)")
+  inside = set()  # computations under a conditional: their -1 s calls are handled per branch
+  correction = 0.0
+  for cond in (i for i in instrs if i.opcode == "conditional"):
+    branches = []  # (name, -1 s calls, cycle-model seconds)
+    for _, branch in _callees(cond, computations):
+      below = _reachable(computations, branch)
+      inside.update(below)
+      k = sum(_uncosted(i) for c in below for i in computations[c])
+      branches.append((branch, k, sum(_cycle_sum(computations, branch).cycles.values()) / clock))
+    if not any(k for _, k, _ in branches):
+      continue  # XLA's max over branches is right as it stands
+    clean = [b for b in branches if not b[1]]
+    costly = max(branches, key=lambda b: b[2])
+    bad = [b for b in branches if b[1] and b[2] >= b[1]]
+    if not clean or bad:
+      return XlaEstimate(None, optimal_seconds, 0, f"conditional {cond.name}: its branches hold "
+                         "custom calls costed at -1 s in a way the max over branches cannot be "
+                         "undone for")
+    correction += costly[2] - max(b[2] for b in clean)
+  n = sum(_uncosted(i) for c in reachable if c not in inside for i in computations[c])
+  return XlaEstimate(optimal_seconds + n + correction, optimal_seconds, n,
+                     branch_correction=correction)
+
+
+def _is_target(instr: _Instr, target: str) -> bool:
+  return instr.opcode == "custom-call" and f'custom_call_target="{target}"' in instr.attrs
+
+
+def _uncosted(instr: _Instr) -> bool:
+  return any(_is_target(instr, t) for t in UNCOSTED_CUSTOM_CALLS)
+
+
+def _callees(instr: _Instr, computations) -> list:
+  """[(kind, computation)] that `instr` calls: kind is "body", "condition", "calls", ..."""
+  return [(kind, callee) for kind, callees in _CALLS.findall(instr.attrs)
+          for callee in (c.strip(" {}%") for c in callees.split(",")) if callee in computations]
+
+
+def _reachable(computations, entry) -> list:
+  """The computations `entry` runs, itself included."""
+  order = [entry] if entry in computations else []
+  for name in order:
+    for _, callee in (cc for i in computations[name] for cc in _callees(i, computations)):
+      if callee not in order:
+        order.append(callee)
+  return order
 
 
 def kernel_calls(hlo_text: str) -> dict:

@@ -32,6 +32,10 @@ def check_config(config) -> model_lib.ModelConfig:
   for name in positive:
     if config[name] <= 0:
       raise ValueError(f"config.{name} must be a positive integer, got {config[name]}")
+  if config.loss_chunk_size < 0 or (config.loss_chunk_size and
+                                     config.seq_len % config.loss_chunk_size):
+    raise ValueError(f"config.loss_chunk_size must be 0 (off) or a positive divisor of seq_len "
+                     f"({config.seq_len}), got {config.loss_chunk_size}")
   if config.z_loss < 0:
     raise ValueError(f"config.z_loss must be >= 0, got {config.z_loss}")
   if config.nan_policy not in ("skip", "abort"):
@@ -116,12 +120,14 @@ class Program:
     c = self.config
     fn = functools.partial(step_lib.train_step, graphdef=self.graphdef, tx=self.tx,
                            schedule=self.schedule, seed=c.seed,
-                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss)
+                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss,
+                           loss_chunk=c.loss_chunk_size)
     return jax.jit(self._under_layout(fn), in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
   def jit_eval_step(self):
-    return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef)),
+    return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef,
+                                                        loss_chunk=self.config.loss_chunk_size)),
                    in_shardings=(self.state_shardings["params"], self.batch_sharding))
 
 

@@ -10,18 +10,26 @@ import optax
 from flax import nnx
 
 from spjax.parallel.sharding import constrain
+from spjax.train import loss as loss_lib
 
 
-def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0):
+def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, loss_chunk=0):
   """Summed token cross-entropy (+ z-loss) times `scale`, the unscaled sum, and the token count.
 
   With `scale` = 1 / (tokens in the whole batch), gradients of microbatches add up to the gradient of
-  the batch's mean loss, with no division pass over the gradients afterwards.
+  the batch's mean loss, with no division pass over the gradients afterwards. `loss_chunk` > 0
+  unembeds that many positions at a time (spjax/train/loss.py): same sums, no [B, T, V] logits.
   """
   model = nnx.merge(graphdef, params)
+  mask = (batch["segment_ids"] > 0).astype(jnp.float32)  # [B, T]
+  if loss_chunk:
+    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
+                          dropout_key=dropout_key)  # [B, T, D]
+    nll_sum, z_sum = loss_lib.chunked_nll_sums(hidden, model.unembedding(), batch["targets"], mask,
+                                               loss_chunk, model.cfg.dtype)
+    return (nll_sum + z_loss * z_sum) * scale, (nll_sum, jnp.sum(mask))
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
                  dropout_key=dropout_key)  # [B, T, V] float32
-  mask = (batch["segment_ids"] > 0).astype(jnp.float32)  # [B, T]
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   nll_sum = jnp.sum((log_z - target_logit) * mask)
@@ -39,19 +47,19 @@ def _microbatches(batch, n: int):
 
 
 def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_steps: int,
-               z_loss: float):
+               z_loss: float, loss_chunk: int = 0):
   params, step = state["params"], state["step"]
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
   grad_fn = jax.grad(loss_sums, has_aux=True)
 
   tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
   if grad_accum_steps == 1:
-    grads, (nll_sum, _) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
+    grads, (nll_sum, _) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens, loss_chunk)
   else:
     def accumulate(carry, xs):
       i, micro = xs
       g, (nll, _) = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss,
-                            1.0 / tokens)
+                            1.0 / tokens, loss_chunk)
       acc_g, acc_nll = carry
       return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll), None
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -66,7 +74,7 @@ def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_st
   return new_state, metrics
 
 
-def eval_step(params, batch, *, graphdef):
+def eval_step(params, batch, *, graphdef, loss_chunk: int = 0):
   """Summed loss and token count of one batch; the caller divides after summing batches."""
-  _, (nll_sum, tokens) = loss_sums(params, graphdef, batch, None, 0.0)
+  _, (nll_sum, tokens) = loss_sums(params, graphdef, batch, None, 0.0, loss_chunk=loss_chunk)
   return {"nll_sum": nll_sum, "tokens": tokens}

@@ -1,0 +1,45 @@
+"""Token cross-entropy sums without the [B, T, V] float32 logits: the sequence in chunks.
+
+The full-width loss holds the logits of every token at once (and, for the backward pass, their
+gradient): for the 1B at batch 8 per device that is 8 x 2048 x 32000 x 4 bytes = 2 GiB each, the
+largest buffers of the step. Here each chunk of `chunk` positions is unembedded, reduced to its
+nll and log Z sums, and dropped; `jax.checkpoint` makes the backward pass recompute the chunk's
+logits from its hidden states instead of keeping them, so only one chunk's [B, chunk, V] is alive
+at a time. The chunks are a Python loop (unrolled): no while loop, so XLA's cost analysis can still
+cost the step. Cost: the vocabulary matmul runs forward twice (2 B T D V more FLOPs per step).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from spjax.model import model as model_lib
+
+_NAMES = ("batch", "length", "act_vocab")
+
+
+def chunked_nll_sums(hidden, table, targets, mask, chunk: int, dtype):
+  """(sum of nll * mask, sum of log(Z)^2 * mask) over [B, T], `chunk` positions at a time.
+
+  hidden [B, T, D] final hidden states (Transformer.hidden), table [D, V] (Transformer.unembedding),
+  targets [B, T] int, mask [B, T] float (0 = not scored); T must be a multiple of `chunk`.
+  """
+  t = hidden.shape[1]
+  if chunk <= 0 or t % chunk:
+    raise ValueError(f"loss_chunk_size ({chunk}) must be a positive divisor of seq_len ({t})")
+
+  @jax.checkpoint  # keep only the chunk's inputs; its logits are recomputed in the backward pass
+  def sums(h, tab, y, m):  # [B, c, D], [D, V], [B, c], [B, c]
+    logits = model_lib.unembed(h, tab, dtype, _NAMES)  # [B, c, V] float32
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
+    # A masked sum, not take_along_axis: XLA fuses it into one pass over the logits, where the
+    # gather becomes an offloaded fusion the TPU cost model gives no estimate (INT64_MAX).
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    target_logit = jnp.sum(jnp.where(vocab == y[..., None], logits, 0.0), axis=-1)  # [B, c]
+    return jnp.sum((log_z - target_logit) * m), jnp.sum(jnp.square(log_z) * m)
+
+  nll_sum = z_sum = jnp.zeros((), jnp.float32)
+  for start in range(0, t, chunk):
+    part = slice(start, start + chunk)
+    nll, z = sums(hidden[:, part], table, targets[:, part], mask[:, part])
+    nll_sum, z_sum = nll_sum + nll, z_sum + z
+  return nll_sum, z_sum
