@@ -200,3 +200,17 @@ def test_xla_estimate_on_compiled_programs(tpu_compile):
   text, raw = tpu_compile(lambda a: double(a) @ a, MATRIX)
   x = hlo.xla_estimate(raw, text, 1.5e9)
   assert x.seconds is None and "Pallas" in x.refusal
+
+
+def test_context_parallel_kernels_are_charged_their_share_of_each_row():
+  # fsdp_sp on 8 devices: batch over fsdp=4, length over sequence=2. A device holds half of the
+  # queries of each of its rows, and the balanced order gives it half of each row's causal blocks.
+  from spjax.train import program
+  cfg = default.get_config("tiny")
+  cfg.update_from_flattened_dict({"layout": "fsdp_sp", "seq_len": 256})
+  prog = program.build(cfg)
+  rows = cfg.per_device_batch_size * 8 // 4
+  full_rows = attention.kernel_flops("splash_mha_fwd", rows, cfg.model.num_heads, 256,
+                                     cfg.model.head_dim)
+  seconds = aot_tpu.kernel_seconds(prog, {"splash_mha_fwd": 3}, flops_per_second=1.0)
+  assert seconds["splash_mha_fwd"] == pytest.approx(3 * full_rows / 2)

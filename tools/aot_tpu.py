@@ -117,8 +117,11 @@ def kernel_seconds(prog, calls: dict, flops_per_second: float) -> dict:
   shards = lambda logical: math.prod(mesh.shape[a] for a in layout.axes_for(logical))
   rows = prog.config.per_device_batch_size * mesh.size // shards("batch")
   heads = cfg.num_heads // shards("act_heads")
+  # Context parallel (`length` sharded): a device holds 1/cp of each row's queries against all its
+  # keys, and the load-balanced order gives every device the same 1/cp of the causal blocks.
+  cp = shards("length")
   return {name: n * attention.kernel_flops(name, rows, heads, prog.config.seq_len, cfg.head_dim)
-          / flops_per_second for name, n in calls.items()}
+          / cp / flops_per_second for name, n in calls.items()}
 
 
 def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
