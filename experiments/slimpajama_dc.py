@@ -56,8 +56,12 @@ def shared_config(names) -> dict:
   return first
 
 
+# The config fields the compiled train step depends on (with topology, layout and batch split).
+COMPILED = ("model", "optimizer", "seq_len", "z_loss", "mesh")
+
+
 def cache_key(topology: str, layout: str, per_device: int, accum: int, shared: dict) -> str:
-  blob = json.dumps([topology, layout, per_device, accum, shared,
+  blob = json.dumps([topology, layout, per_device, accum, {k: shared[k] for k in COMPILED},
                      os.environ.get("LIBTPU_INIT_ARGS", "")], sort_keys=True, default=str)
   return f"{topology.replace(':', '-')}_{layout}_{per_device}x{accum}_" + \
       hashlib.sha256(blob.encode()).hexdigest()[:12]
