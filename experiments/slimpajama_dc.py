@@ -162,7 +162,10 @@ def main(argv=None):
             "differs is in that file), 2048 x 2048 tokens per step. Step time and MFU are "
             "ESTIMATES from XLA's TPU cost model on the compiled step (tools/aot_tpu.py states "
             "the method), not measurements; input pipeline, evaluation and checkpoint time are "
-            "not included. The six configurations differ only in their data mixture, so they "
+            "not included. Layout: the fastest that fits of --layouts (default fsdp, the pick of "
+            "the 1B layout sweep on v5e:4x4, layout_sweep_1b_v5e-4x4_splash.md; the study's MLP "
+            "width 5461 does not split over tensor-parallel layouts). "
+            "The six configurations differ only in their data mixture, so they "
             "share one compile per topology (cached JSON: experiments/results/"
             "slimpajama_dc_aot/).\n\n")
     f.write(table(results) + "\n")
