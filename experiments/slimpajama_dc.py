@@ -157,7 +157,8 @@ def main(argv=None):
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     f.write("# SlimPajama-DC on TPU: estimated time and chip-hours to 330B tokens\n\n"
-            f"Command: `{env}python experiments/slimpajama_dc.py {' '.join(argv or sys.argv[1:])}`"
+            f"Command: `{env}python experiments/slimpajama_dc.py {' '.join(argv or sys.argv[1:])}".strip()
+            + "`"
             "\n\nThe 1.3B model of configs/slimpajama_dc.py (what it shares with the study and what "
             "differs is in that file), 2048 x 2048 tokens per step. Step time and MFU are "
             "ESTIMATES from XLA's TPU cost model on the compiled step (tools/aot_tpu.py states "
@@ -169,6 +170,9 @@ def main(argv=None):
             "share one compile per topology (cached JSON: experiments/results/"
             "slimpajama_dc_aot/).\n\n")
     f.write(table(results) + "\n")
+    compiles = {r["topology"]: r["compile_seconds"] for r in results}
+    f.write("\nCompile time of each cached step (this 2-core CPU, shared, under nice): " +
+            ", ".join(f"{t} {s:.0f} s" for t, s in compiles.items()) + ".\n")
   return 0
 
 
