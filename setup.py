@@ -9,6 +9,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["spjax", "spjax.*"]),
     package_data={"spjax.data": ["*.model"]},
+    # Lower bounds are the versions the suite passes on: Python 3.11 with jax 0.10.2 / flax 0.12.8,
+    # and Python 3.12 with the newest the index gives it, jax 0.12.0.1 / flax 0.12.12 (.ci/run).
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
@@ -31,6 +33,8 @@ setup(
         "hf": ["torch==2.13.0", "transformers>=5.17,<6"],
         # libtpu, the TPU compiler tools/aot_tpu.py runs on a CPU for ahead-of-time estimates.
         "tpu": ["jax[tpu]>=0.10.2"],
+        # tools/plot_metrics.py, config.plot_every_eval and the experiments' charts.
+        "plot": ["matplotlib>=3.11.2"],
     },
     entry_points={"console_scripts": ["spjax-train=spjax.main:run",
                                       "spjax-generate=spjax.infer.generate:run",

@@ -19,6 +19,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every_steps = 10            # train metrics cadence (metrics.jsonl, TensorBoard, stdout)
   c.eval_every_steps = 100          # also evaluates after the last step
   c.eval_batches = 4                # batches of the held-out split per evaluation
+  c.plot_every_eval = False         # redraw WORKDIR/metrics.png at every eval (needs spjax[plot])
   c.checkpoint_every_steps = 100    # also saves after the last step and when preempted (SIGTERM)
   c.max_checkpoints_to_keep = 3     # the newest N checkpoints survive...
   c.keep_checkpoint_every_steps = 0  # ...plus every multiple of this step, for good (0 = none)

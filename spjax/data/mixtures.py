@@ -27,17 +27,19 @@ DOMAIN_OF_SET_NAME = {v: k for k, v in DOMAINS.items()}
 SLIMPAJAMA = {"CommonCrawl": 52.2, "C4": 26.7, "GitHub": 5.2, "Book": 4.2, "ArXiv": 4.6,
               "Wikipedia": 3.8, "StackExchange": 3.3}
 
-# SlimPajama-DC (Shen et al., arXiv 2309.10818), Table 2: the six 330B-token combinations its
-# 1.3B models were trained on. DC-6 is SlimPajama's own mix. Transcribed from the paper from memory:
-# the search tool available while writing this could not reach the table, so DC-4 and DC-5 in
-# particular should be checked against the paper before they are relied on.
+# SlimPajama-DC (Shen et al., arXiv 2309.10818): the six 330B-token combinations its 1.3B models
+# were trained on. Source: Zeng et al. 2025 (arXiv 2504.12491), Appendix Table 3, which reproduces
+# Shen et al.'s configuration table in percent (DC-4: CommonCrawl 75.8, Wikipedia 24.2; DC-5:
+# CommonCrawl 75.8, GitHub 9.1, Book 7.9, Wikipedia 7.3). Every share of DC-1..DC-5 is a whole
+# number of billions of the 330B budget, so they are written here in billions of tokens: exact,
+# where the rounded percentages of DC-5 add up to 100.1. DC-6 is SlimPajama's own mix.
 PRESETS = {
     "slimpajama": SLIMPAJAMA,
-    "dc-1": {"CommonCrawl": 100.0},
-    "dc-2": {"CommonCrawl": 90.9, "GitHub": 9.1},
-    "dc-3": {"CommonCrawl": 75.8, "GitHub": 24.2},
-    "dc-4": {"CommonCrawl": 75.0, "Wikipedia": 25.0},
-    "dc-5": {"CommonCrawl": 75.8, "GitHub": 9.1, "Wikipedia": 15.1},
+    "dc-1": {"CommonCrawl": 330},
+    "dc-2": {"CommonCrawl": 300, "GitHub": 30},
+    "dc-3": {"CommonCrawl": 250, "GitHub": 80},
+    "dc-4": {"CommonCrawl": 250, "Wikipedia": 80},
+    "dc-5": {"CommonCrawl": 250, "GitHub": 30, "Book": 26, "Wikipedia": 24},
     "dc-6": SLIMPAJAMA,
 }
 

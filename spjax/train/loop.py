@@ -11,6 +11,7 @@ from spjax.data import pipeline
 from spjax.data import tokenizer as tokenizer_lib
 from spjax.train import checkpoint as checkpoint_lib
 from spjax.train import metrics as metrics_lib
+from spjax.train import plots
 from spjax.train import preemption
 from spjax.train import program as program_lib
 
@@ -44,6 +45,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   peak_flops = mesh.size * metrics_lib.peak_flops_per_device(jax.devices()[0],
                                                              config.peak_tflops_per_device)
   primary = jax.process_index() == 0
+  if config.plot_every_eval:
+    plots.require()
   if primary:
     print(f"spjax: {model_cfg.num_params() / 1e6:.1f}M params, mesh "
           f"{ {a: s for a, s in mesh.shape.items() if s > 1} }, layout {prog.layout.source}\n"
@@ -103,6 +106,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       loss = float(sum(w * losses[d] for d, w in eval_weights.items()))
       out |= {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))}
       writer.write(step, out)
+      if primary and config.plot_every_eval:  # WORKDIR/metrics.png, redrawn with every eval
+        plots.plot([workdir], os.path.join(workdir, "metrics.png"))
       if primary:
         domains = "".join(f" | {d} {losses[d]:.3f}" for d in losses) if len(losses) > 1 else ""
         print(f"eval at step {step} | loss {loss:.3f} | perplexity {out['eval/perplexity']:.1f}"
@@ -129,6 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           "train/tokens_per_sec": tokens_per_sec,
           "train/mfu": tokens_per_sec * flops_per_token / peak_flops,
           "train/skipped_steps": skipped,
+          "train/tokens": step * prog.global_batch * config.seq_len,  # seen so far (plot x-axis)
       }
       writer.write(step, out)
       writer.progress(step, out["train/loss"], tokens_per_sec)
