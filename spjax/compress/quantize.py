@@ -200,3 +200,62 @@ def _map_vars(fn, state):
   """fn(path, variable) -> variable over every Variable of an nnx State, keeping its structure."""
   flat = [(path, fn(path, var)) for path, var in nnx.to_flat_state(state)]
   return nnx.from_flat_state(flat)
+
+
+# ==================================================================================================
+# The command: spjax-quantize (tools/quantize.py); its usage is in tools/quantize.py.
+# ==================================================================================================
+def main(argv):
+  import json
+  import os
+  import sys
+
+  from absl import app, flags, logging
+  from spjax.compress import workdirs
+  from spjax.convert import workdir as workdir_lib
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every array at INFO
+  try:
+    config = workdir_lib.read_config(FLAGS.workdir)
+    if config.get(CONFIG_KEY):
+      raise ValueError(f"{FLAGS.workdir} is quantized already ({config[CONFIG_KEY]}); quantize "
+                       "its source")
+    group = FLAGS.group_size if FLAGS.group_size is not None else (128 if FLAGS.bits == 4 else 0)
+    spec = Spec.from_dict({"bits": FLAGS.bits, "group_size": group,
+                           "embeddings": FLAGS.embeddings})
+    with workdirs.layout_scope(FLAGS.layout or config["layout"]) as (mesh, layout):
+      params, _, step = workdir_lib.load_params(FLAGS.workdir, FLAGS.step)
+      target = shardings(abstract(jax.eval_shape(lambda: params), spec), mesh, layout)
+      qparams = quantize_params(params, spec, target)
+      saved = workdirs.write(FLAGS.out, config | {
+          CONFIG_KEY: spec.to_dict(),
+          "quantized_from": f"{os.path.abspath(FLAGS.workdir)}@{step}"}, qparams, step)
+  except ValueError as e:
+    print(f"spjax-quantize: {e}", file=sys.stderr)
+    sys.exit(2)
+  sizes = weight_bytes(qparams) | {"checkpoint_on_disk": workdirs.disk_bytes(saved)}
+  print(f"spjax-quantize: step {step} of {FLAGS.workdir} as int{spec.bits}"
+        f"{f' groups of {spec.group_size}' if spec.group_size else ' per channel'} -> {FLAGS.out}: "
+        f"weights {sizes['weights']:,} bytes + scales {sizes['scales']:,} (float32: "
+        f"{sizes['float']:,}); checkpoint on disk {sizes['checkpoint_on_disk']:,} bytes")
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump({"step": step, **spec.to_dict(), **sizes}, f, indent=2)
+
+
+def run():
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "spjax run directory to quantize.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default the newest.")
+  flags.DEFINE_string("out", None, "Directory to write the quantized workdir to (new).")
+  flags.DEFINE_integer("bits", None, "8: int8 per output channel; 4: int4 in groups.")
+  flags.DEFINE_integer("group_size", None, "Entries per scale along the contracted axis; 0 = per "
+                       "channel. Default 128 for --bits=4, 0 for --bits=8.")
+  flags.DEFINE_bool("embeddings", False, "Also quantize the token embedding and unembedding.")
+  flags.DEFINE_string("layout", None, "Layout to place the params under; default the run's.")
+  flags.DEFINE_string("json", "", "Write the step, spec and byte counts to this JSON file.")
+  flags.mark_flags_as_required(["workdir", "out", "bits"])
+  app.run(main)

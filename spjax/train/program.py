@@ -127,9 +127,12 @@ class Program:
     return jax.jit(self._under_layout(fn), in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
-  def jit_eval_step(self):
+  def jit_eval_step(self, param_shardings=None):
+    """(params, batch) -> summed loss and tokens; params sharded as `param_shardings` (default the
+    train state's; a quantized or EMA State passes its own)."""
+    shardings = self.state_shardings["params"] if param_shardings is None else param_shardings
     return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef)),
-                   in_shardings=(self.state_shardings["params"], self.batch_sharding))
+                   in_shardings=(shardings, self.batch_sharding))
 
 
 def build(config, devices=None) -> Program:
