@@ -155,9 +155,9 @@ def _floats(text: str, flag: str, count: int, default: float | None = None) -> l
 
 
 def merge(method: str, specs: list[str], out: str, *, weights: str = "", lambdas: str = "",
-          base: str = "", t: float = 0.5, log=print) -> dict:
-  """Runs one merge and writes OUT; returns {"step", "method", "inputs", ... (greedy: its report)}.
-  Every input check runs before any array is read."""
+          base: str = "", t: float = 0.5, log=print, force: bool = False) -> dict:
+  """Runs one merge and writes OUT (replacing its checkpoints if `force`); returns {"step",
+  "method", "inputs", ... (greedy: its report)}. Every input check runs before any array is read."""
   from spjax.compress import workdirs
   from spjax.data import tokenizer as tokenizer_lib
   from spjax.infer import evaluate as evaluate_lib
@@ -213,7 +213,7 @@ def merge(method: str, specs: list[str], out: str, *, weights: str = "", lambdas
     dtype = jnp.dtype(run.model.param_dtype)
     merged = jax.tree.map(lambda p: p.astype(dtype), merged)  # stored as the run stores params
     record = {"method": method, "inputs": [_name(s) for s in inputs], **extra}
-    workdirs.write(out, config | {"merged_from": record}, merged, max(steps))
+    workdirs.write(out, config | {"merged_from": record}, merged, max(steps), force=force)
   return {"step": max(steps), **record}
 
 
