@@ -71,6 +71,9 @@ def load_params(workdir: str, step: int | None = None, *, ema: bool = False):
     if not config.get("ema_decay"):
       raise ValueError(f"{workdir} was trained without a moving average (config.ema_decay is 0); "
                        "drop --ema")
+    if config.get(quantize.CONFIG_KEY) or config.get("merged_from"):
+      raise ValueError(f"{workdir} holds one set of params (quantized or merged), no moving "
+                       "average; drop --ema")
     key = "ema_params"  # float32 whatever param_dtype is
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract)
   target_shardings = shardings(abstract)
