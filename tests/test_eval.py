@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import default
 from spjax.infer import evaluate
@@ -41,7 +41,7 @@ def test_spjax_eval_writes_the_metrics_keys_and_matches_the_train_loop(trained_w
 
 
 def test_ema_flag_evaluates_the_moving_average_the_loop_logged(trained_workdir):
-  config = program_lib.ml_collections.ConfigDict(
+  config = ml_collections.ConfigDict(
       json.load(open(os.path.join(trained_workdir, "config.json"))))
   out = evaluate.evaluate_workdir(config, str(trained_workdir), 20, ema=True)
   logged = logged_eval(trained_workdir, 20)

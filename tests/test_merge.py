@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -78,7 +79,7 @@ def test_greedy_soup_is_never_worse_than_its_best_ingredient(trained_workdir, tm
   result = merge.merge("greedy", inputs, str(tmp_path / "soup"), log=lambda _: None)
   losses = [i["eval/loss"] for i in result["ingredients"]]
   assert losses == sorted(losses) and result["ingredients"][0]["kept"]
-  config = workdir_lib.ml_collections.ConfigDict(workdir_lib.read_config(str(tmp_path / "soup")))
+  config = ml_collections.ConfigDict(workdir_lib.read_config(str(tmp_path / "soup")))
   soup = evaluate.evaluate_workdir(config, str(tmp_path / "soup"))
   assert soup["eval/loss"] <= min(losses) + 1e-6
   assert json.load(open(tmp_path / "soup" / "config.json"))["merged_from"]["method"] == "greedy"
