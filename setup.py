@@ -38,5 +38,8 @@ setup(
     },
     entry_points={"console_scripts": ["spjax-train=spjax.main:run",
                                       "spjax-generate=spjax.infer.generate:run",
-                                      "spjax-convert-hf=spjax.convert.export:run"]},
+                                      "spjax-convert-hf=spjax.convert.export:run",
+                                      "spjax-eval=spjax.infer.evaluate:run",
+                                      "spjax-quantize=spjax.compress.quantize:run",
+                                      "spjax-merge=spjax.compress.merge:run"]},
 )

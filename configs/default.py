@@ -82,5 +82,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9        # sgd only
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
 
+  # Exponential moving average of the params (float32, sharded like them, saved in the checkpoint
+  # as state/ema_params, evaluated as eval/ema/loss); 0 = off. ema <- d * ema + (1 - d) * params.
+  c.ema_decay = 0.0
+
   c.peak_tflops_per_device = 0.0    # for train/mfu; 0 = look up the device kind (measured on CPU)
   return c

@@ -14,14 +14,21 @@ from jax.sharding import SingleDeviceSharding
 from spjax.parallel import sharding
 
 
-def target_shardings(abstract_params):
-  """Shardings for an abstract param State: the active layout's (validated), else one device."""
+def active_layout():
+  """(mesh, Layout) set by `jax.set_mesh` + `nnx.logical_axis_rules`, or None outside them."""
   mesh, rules = jax.sharding.get_mesh(), flax_spmd.get_logical_axis_rules()
   if mesh.empty or not rules:
+    return None
+  return mesh, sharding.Layout.from_rules(dict(rules), "the active layout")
+
+
+def target_shardings(abstract_params):
+  """Shardings for an abstract param State: the active layout's (validated), else one device."""
+  active = active_layout()
+  if active is None:
     device = SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda _: device, abstract_params)
-  layout = sharding.Layout.from_rules(dict(rules), "the active layout")
-  return sharding.param_shardings(abstract_params, mesh, layout)  # ValueError names a bad tensor
+  return sharding.param_shardings(abstract_params, *active)  # ValueError names a bad tensor
 
 
 def read_config_json(directory: str, kind: str) -> dict:

@@ -1,17 +1,20 @@
 """The trained model of an spjax workdir: WORKDIR/config.json and the params of a checkpoint.
 
 Only the params are read (not the optimizer moments, twice their size), each array straight into the
-active layout's sharding.
+active layout's sharding: the raw params, or the moving average (`ema=True`, config.ema_decay). A
+quantized workdir (tools/quantize.py; its config.json says how) restores its integers and scales.
 """
 
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from spjax import convert
+from spjax.compress import quantize
 from spjax.model import model as model_lib
 
 
@@ -20,25 +23,72 @@ def read_config(workdir: str) -> dict:
   return convert.read_config_json(workdir, "an spjax workdir")
 
 
-def load(workdir: str, step: int | None = None):
-  """(model, run config) of the checkpoint at `step`, by default the newest one."""
-  config = ml_collections.ConfigDict(read_config(workdir))
-  model_cfg = model_lib.ModelConfig.from_config(config.model)
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps with a complete checkpoint, oldest first."""
   checkpoints = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = sorted(int(s) for s in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
-                 if s.isdigit() and os.path.exists(os.path.join(checkpoints, s, "state")))
+  return sorted(int(s) for s in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
+                if s.isdigit() and os.path.exists(os.path.join(checkpoints, s, "state")))
+
+
+def state_dir(workdir: str, step: int | None) -> tuple[str, int]:
+  """(WORKDIR/checkpoints/STEP/state, STEP), the newest step by default; ValueError if absent."""
+  steps = checkpoint_steps(workdir)
   if not steps:
     raise ValueError(f"{workdir} has no checkpoints yet")
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ValueError(f"{workdir} has no checkpoint at step {step}; it has {steps}")
+  return os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state"), step
 
+
+def abstract_params(config):
+  """(graphdef, abstract param State) of the workdir's model: quantized if config.json says so."""
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
   graphdef, abstract = nnx.split(
       nnx.eval_shape(lambda: model_lib.Transformer(model_cfg, nnx.Rngs(0))), nnx.Param)
-  target = {"params": jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                   abstract, convert.target_shardings(abstract))}
+  if config.get(quantize.CONFIG_KEY):
+    abstract = quantize.abstract(abstract, quantize.Spec.from_dict(config[quantize.CONFIG_KEY]))
+  return graphdef, abstract
+
+
+def shardings(abstract):
+  """Shardings of an abstract (possibly quantized) param State under the active layout."""
+  active = convert.active_layout()
+  if active is None or not any(isinstance(v.get_raw_value(), quantize.QArray)
+                               for _, v in nnx.to_flat_state(abstract)):
+    return convert.target_shardings(abstract)
+  convert.target_shardings(abstract)  # validates every weight (its scales split as it does)
+  return quantize.shardings(abstract, *active)
+
+
+def load_params(workdir: str, step: int | None = None, *, ema: bool = False):
+  """(params State, its shardings, step) of a checkpoint, read into the active layout."""
+  config = ml_collections.ConfigDict(read_config(workdir))
+  path, step = state_dir(workdir, step)
+  _, abstract = abstract_params(config)
+  key = "params"
+  if ema:
+    if not config.get("ema_decay"):
+      raise ValueError(f"{workdir} was trained without a moving average (config.ema_decay is 0); "
+                       "drop --ema")
+    if config.get(quantize.CONFIG_KEY) or config.get("merged_from"):
+      raise ValueError(f"{workdir} holds one set of params (quantized or merged), no moving "
+                       "average; drop --ema")
+    key = "ema_params"  # float32 whatever param_dtype is
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract)
+  target_shardings = shardings(abstract)
+  target = {key: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, target_shardings)}
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(checkpoints, str(step), "state"),
-      args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-  return nnx.merge(graphdef, restored["params"]), config
+      path, args=ocp.args.PyTreeRestore(
+          item=target, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  return restored[key], target_shardings, step
+
+
+def load(workdir: str, step: int | None = None, *, ema: bool = False):
+  """(model, run config) of the checkpoint at `step`, by default the newest one."""
+  config = ml_collections.ConfigDict(read_config(workdir))
+  graphdef, _ = abstract_params(config)
+  params, _, _ = load_params(workdir, step, ema=ema)
+  return nnx.merge(graphdef, params), config

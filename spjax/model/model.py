@@ -174,10 +174,12 @@ def unrolled(model: Transformer) -> Transformer:
   stacked = dict(nnx.to_flat_state(nnx.state(model)))
   flat = []
   for path, var in nnx.to_flat_state(abstract):
+    # Raw values, sliced leaf by leaf: a quantized weight (integers and scales) stays quantized.
     if path[0] == "blocks":  # ("blocks", i, ...) is layer i of ("blocks", ...)
-      value = stacked[("blocks",) + tuple(path[2:])][...][path[1]]
+      value = jax.tree.map(lambda a, i=path[1]: a[i],
+                           stacked[("blocks",) + tuple(path[2:])].get_raw_value())
     else:
-      value = stacked[path][...]
+      value = stacked[path].get_raw_value()
     flat.append((path, var.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

@@ -1,6 +1,5 @@
 """train_and_evaluate(config, workdir): build the program, restore or init the state, loop."""
 
-import math
 import os
 import time
 
@@ -9,6 +8,7 @@ import numpy as np
 
 from spjax.data import pipeline
 from spjax.data import tokenizer as tokenizer_lib
+from spjax.infer import evaluate as evaluate_lib
 from spjax.train import checkpoint as checkpoint_lib
 from spjax.train import metrics as metrics_lib
 from spjax.train import plots
@@ -67,10 +67,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = iter(pipeline.make_dataset(
       config, "train", tokenizer, batch_size=prog.global_batch // jax.process_count(), **data_kw))
-  eval_sets = pipeline.eval_datasets(  # {domain: batches of its validation split}
-      config, tokenizer, batch_size=config.per_device_batch_size * mesh.size // jax.process_count(),
-      **data_kw)
-  eval_weights = pipeline.eval_weights(config, tokenizer)  # the training mixture's shares
+  evaluation = evaluate_lib.Evaluation(
+      config, tokenizer, prog.batch_sharding,
+      batch_size=config.per_device_batch_size * mesh.size // jax.process_count(), **data_kw)
 
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(prog.batch_sharding, np.asarray(v))
@@ -94,24 +93,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_step, eval_step = prog.jit_train_step(), prog.jit_eval_step()
 
     def evaluate(step):
-      """Loss per domain (a fresh pass over each validation split) and their mixture-weighted sum."""
-      out, losses = {}, {}
-      for domain, ds in eval_sets.items():
-        sums = jax.device_get([eval_step(state["params"], to_global(batch))
-                               for _, batch in zip(range(config.eval_batches), ds)])
-        losses[domain] = sum(s["nll_sum"] for s in sums) / max(sum(s["tokens"] for s in sums), 1.0)
-        if len(eval_sets) > 1:
-          out[f"eval/{domain}/loss"] = float(losses[domain])
-          out[f"eval/{domain}/perplexity"] = math.exp(min(losses[domain], 80.0))
-      loss = float(sum(w * losses[d] for d, w in eval_weights.items()))
-      out |= {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0))}
+      """Loss per domain (a fresh pass over each validation split) and their mixture-weighted sum;
+      the same for the moving average of the params when there is one."""
+      out = {}
+      for key, prefix in (("params", "eval"), ("ema_params", "eval/ema")):
+        if key in state:
+          metrics, losses = evaluation(eval_step, state[key], prefix)
+          out |= metrics
+          if primary:
+            print(evaluate_lib.summary(step, metrics, losses, prefix), flush=True)
       writer.write(step, out)
       if primary and config.plot_every_eval:  # WORKDIR/metrics.png, redrawn with every eval
         plots.plot([workdir], os.path.join(workdir, "metrics.png"))
-      if primary:
-        domains = "".join(f" | {d} {losses[d]:.3f}" for d in losses) if len(losses) > 1 else ""
-        print(f"eval at step {step} | loss {loss:.3f} | perplexity {out['eval/perplexity']:.1f}"
-              f"{domains}", flush=True)
       return out
 
     def log_window(step, window, elapsed):

@@ -43,6 +43,9 @@ def check_config(config) -> model_lib.ModelConfig:
   if config.keep_checkpoint_every_steps < 0:
     raise ValueError(f"config.keep_checkpoint_every_steps must be >= 0, got "
                      f"{config.keep_checkpoint_every_steps}")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise ValueError(f"config.ema_decay must be in [0, 1) (0 = no moving average), got "
+                     f"{config.ema_decay}")
   if config.peak_tflops_per_device < 0:
     raise ValueError(f"config.peak_tflops_per_device must be >= 0, got "
                      f"{config.peak_tflops_per_device}")
@@ -91,7 +94,10 @@ class Program:
     if params is None:
       params = nnx.state(model_lib.Transformer(self.model_cfg, nnx.Rngs(self.config.seed)),
                          nnx.Param)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    if self.config.ema_decay > 0:  # the moving average starts at the initial params
+      state["ema_params"] = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    return state
 
   def jit_init(self):
     """Params born sharded: each device computes only its own shards."""
@@ -121,14 +127,17 @@ class Program:
     fn = functools.partial(step_lib.train_step, graphdef=self.graphdef, tx=self.tx,
                            schedule=self.schedule, seed=c.seed,
                            grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss,
-                           loss_chunk=c.loss_chunk_size)
+                           loss_chunk=c.loss_chunk_size, ema_decay=c.ema_decay)
     return jax.jit(self._under_layout(fn), in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
-  def jit_eval_step(self):
+  def jit_eval_step(self, param_shardings=None):
+    """(params, batch) -> summed loss and tokens; params sharded as `param_shardings` (default the
+    train state's; a quantized or EMA State passes its own)."""
+    shardings = self.state_shardings["params"] if param_shardings is None else param_shardings
     return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef,
                                                         loss_chunk=self.config.loss_chunk_size)),
-                   in_shardings=(self.state_shardings["params"], self.batch_sharding))
+                   in_shardings=(shardings, self.batch_sharding))
 
 
 def build(config, devices=None) -> Program:
@@ -150,12 +159,14 @@ def build(config, devices=None) -> Program:
     sharding.validate_tensor(layout, mesh, name, shape, names)
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
-                 _state_shardings(abstract_params, param_shardings, tx, mesh, layout),
+                 _state_shardings(abstract_params, param_shardings, tx, mesh, layout,
+                                  config.ema_decay > 0),
                  NamedSharding(mesh, layout.spec(("batch", "length"))))
 
 
-def _state_shardings(abstract_params, param_shardings, tx, mesh, layout):
-  """Optimizer moments follow their parameter (they carry its logical names); the rest replicates."""
+def _state_shardings(abstract_params, param_shardings, tx, mesh, layout, ema: bool):
+  """Optimizer moments and the EMA follow their parameter (they carry its logical names); the rest
+  replicates."""
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
 
   def leaf_sharding(leaf):
@@ -165,5 +176,7 @@ def _state_shardings(abstract_params, param_shardings, tx, mesh, layout):
     spec = layout.spec(names) if names and len(names) == len(leaf.shape) else PartitionSpec()
     return leaf.replace(NamedSharding(mesh, spec))  # factored moments (adafactor) replicate
   opt = jax.tree.map(leaf_sharding, abstract_opt, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return {"step": NamedSharding(mesh, PartitionSpec()), "params": param_shardings,
-          "opt_state": opt}
+  out = {"step": NamedSharding(mesh, PartitionSpec()), "params": param_shardings, "opt_state": opt}
+  if ema:
+    out["ema_params"] = param_shardings
+  return out

@@ -1,6 +1,7 @@
 """Pure train and eval steps: (state, batch) -> (state, metrics). No I/O, no Python state.
 
-`state` is {"step": int32 [], "params": nnx.State, "opt_state": optax state}; `batch` is the data
+`state` is {"step": int32 [], "params": nnx.State, "opt_state": optax state} (+ "ema_params", the
+float32 moving average of the params, when config.ema_decay > 0); `batch` is the data
 pipeline's dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 = padding).
 """
 
@@ -47,7 +48,7 @@ def _microbatches(batch, n: int):
 
 
 def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_steps: int,
-               z_loss: float, loss_chunk: int = 0):
+               z_loss: float, loss_chunk: int = 0, ema_decay: float = 0.0):
   params, step = state["params"], state["step"]
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
   grad_fn = jax.grad(loss_sums, has_aux=True)
@@ -67,8 +68,12 @@ def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_st
     (grads, nll_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0), xs)
 
   updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
-               "opt_state": opt_state}
+  new_params = optax.apply_updates(params, updates)
+  new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state}
+  if ema_decay > 0:  # ema <- decay * ema + (1 - decay) * params, in float32 whatever the params are
+    new_state["ema_params"] = optax.incremental_update(
+        jax.tree.map(lambda p: p.astype(jnp.float32), new_params), state["ema_params"],
+        1.0 - ema_decay)
   metrics = {"loss": nll_sum / tokens, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(step), "tokens": tokens}
   return new_state, metrics
