@@ -1,4 +1,4 @@
-"""tools/plan.py: the search, its cache, the ranking and the config file it writes (fake compiles)."""
+"""tools/plan.py: search, cache, ranking and the config file it writes (fake compiles)."""
 
 import importlib.util
 import os

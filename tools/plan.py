@@ -260,7 +260,7 @@ if __name__ == "__main__":
   _SCAN = flags.DEFINE_string("scan", "true", "model.scan_layers values to try (true,false).")
   _LOSS_CHUNK = flags.DEFINE_string("loss_chunk", "0", "loss_chunk_size values to try.")
   _MARGIN = flags.DEFINE_float("estimate_margin", 1.3, "Skip candidates whose shape-only "
-                               "estimate exceeds this x HBM (it runs 0.8-1.4x the compiled "
+                               "estimate exceeds this x HBM (it ran 0.9-1.6x the compiled "
                                "figure on the 1B).")
   _CACHE_DIR = flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/spjax-plan"),
                                    "Compile results, by hash of flags and source.")

@@ -247,8 +247,9 @@ def xla_estimate(optimal_seconds, hlo_text: str, clock: float) -> XlaEstimate:
     return XlaEstimate(None, None, 0, "cost_analysis() gives no optimal_seconds")
   loops = [i.name for i in instrs if i.opcode == "while"]
   if loops:
-    return XlaEstimate(None, optimal_seconds, 0, f"{len(loops)} while loop(s) ({', '.join(loops[:3])}"
-                       "): cost_analysis() costs a loop body once, not per iteration")
+    return XlaEstimate(None, optimal_seconds, 0, f"{len(loops)} while loop(s) "
+                       f"({', '.join(loops[:3])}): cost_analysis() costs a loop body once, not "
+                       "per iteration")
   kernels = [i.name for i in instrs if _is_target(i, "tpu_custom_call")]
   if kernels:
     return XlaEstimate(None, optimal_seconds, 0, f"{len(kernels)} Pallas kernel call(s): not in "

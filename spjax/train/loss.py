@@ -4,9 +4,11 @@ The full-width loss holds the logits of every token at once (and, for the backwa
 gradient): for the 1B at batch 8 per device that is 8 x 2048 x 32000 x 4 bytes = 2 GiB each, the
 largest buffers of the step. Here each chunk of `chunk` positions is unembedded, reduced to its
 nll and log Z sums, and dropped; `jax.checkpoint` makes the backward pass recompute the chunk's
-logits from its hidden states instead of keeping them, so only one chunk's [B, chunk, V] is alive
-at a time. The chunks are a Python loop (unrolled): no while loop, so XLA's cost analysis can still
-cost the step. Cost: the vocabulary matmul runs forward twice (2 B T D V more FLOPs per step).
+logits from its hidden states instead of keeping them, so no [B, T, V] array is ever formed. The
+chunks are a Python loop (unrolled): no while loop, so XLA's cost analysis can still cost the step.
+Cost: the vocabulary matmul runs forward twice (2 B T D V more FLOPs per step). It saves memory
+where the loss is the step's peak (full remat: -0.9 GiB for the 1B at batch 8), not where the
+layers' saved activations are (BENCHMARKS.md).
 """
 
 import jax
