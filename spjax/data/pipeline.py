@@ -5,6 +5,8 @@ One batch (numpy, per process, B = batch_size rows, T = config.seq_len):
   targets      int32 [B, T]  the next token of each input: that[1:], so never across documents
   segment_ids  int32 [B, T]  1, 2, ... = which document piece of the row; 0 = padding (no loss)
   positions    int32 [B, T]  0-based position within the piece (restarts at 0 for each piece)
+  loss_mask    int32 [B, T]  1 = the target is trained; pretraining: segment_ids > 0, instruction
+                             data (instruct.py): the completion tokens (or all, data.train_on_prompt)
 
 Documents longer than T are cut into pieces of at most T (inputs, targets) pairs, so every token of
 a document is a target exactly once; a piece only attends within itself. Pieces are packed into rows
@@ -107,9 +109,12 @@ class _Pieces(grain.experimental.FlatMapTransform):
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # Packing numbers segments and positions per feature; inputs and targets share both.
-  return {"inputs": packed["inputs"], "targets": packed["targets"],
-          "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"]}
+  # Packing numbers segments and positions per feature; inputs and targets share both. Documents
+  # without a loss_mask train every target; packing pads a loss_mask it carries with 0.
+  segment_ids = packed["inputs_segment_ids"]
+  loss_mask = packed.get("loss_mask", (segment_ids > 0).astype(np.int32))
+  return {"inputs": packed["inputs"], "targets": packed["targets"], "segment_ids": segment_ids,
+          "positions": packed["inputs_positions"], "loss_mask": loss_mask}
 
 
 def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, batch_size: int,

@@ -109,7 +109,7 @@ class Program:
   def abstract_batch(self, rows: int | None = None):
     shape = (rows or self.global_batch, self.config.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-            for k in ("inputs", "targets", "segment_ids", "positions")}
+            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
 
   def jit_train_step(self):
     """(state, batch) -> (state, metrics); the state is donated so it updates in place."""
