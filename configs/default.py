@@ -19,6 +19,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every_steps = 10            # train metrics cadence (metrics.jsonl, TensorBoard, stdout)
   c.eval_every_steps = 100          # also evaluates after the last step
   c.eval_batches = 4                # batches of the held-out split per evaluation
+  c.eval_exact_match = 0            # sft: held-out prompts answered greedily after the last step,
+                                    # scored as eval/exact_match (0 = off)
   c.checkpoint_every_steps = 100    # also saves after the last step and when preempted (SIGTERM)
   c.max_checkpoints_to_keep = 3     # the newest N checkpoints survive...
   c.keep_checkpoint_every_steps = 0  # ...plus every multiple of this step, for good (0 = none)
@@ -58,6 +60,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Document shards, each packed on its own (0 = one per process). A fixed number (a multiple of
   # the process count) gives the same global batches whatever the number of processes.
   c.data.shards = 0
+  # Instruction data (data.source="sft:GLOB", spjax/data/instruct.py):
+  c.data.eval_source = ""           # held-out rows from another sft:GLOB; "" = ~5% of data.source by row hash
+  c.data.train_on_prompt = False    # False: train on completions only; True: prompt too (DeepSpeed-Chat step 1)
+  c.data.chat_template = "auto"     # chat rows: "plain" (Human:/Assistant:), "chatml" (<|im_start|> pieces)
+                                    # or "auto" (chatml when the tokenizer has those pieces)
+  c.data.overlong = "truncate"      # example longer than seq_len: "truncate" its prompt's start, or "refuse"
 
   c.model = model_lib.SIZES[arg].to_config()
 
@@ -71,6 +79,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.1    # decoupled; never applied to norm scales or biases
+  c.optimizer.decay_embeddings = True  # False: no weight decay on the token embedding table either
   c.optimizer.momentum = 0.9        # sgd only
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
 

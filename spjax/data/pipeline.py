@@ -25,6 +25,7 @@ of the validation split, `eval_weights` the shares that combine their losses int
 import grain
 import numpy as np
 
+from spjax.data import instruct
 from spjax.data import mixtures
 from spjax.data import sources
 from spjax.data import tokenizer as tokenizer_lib
@@ -123,11 +124,17 @@ def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, 
   # Two threads read and tokenize ahead, in order (deterministic). SentencePiece lets go of the GIL,
   # so on two cores they nearly double on-the-fly throughput; a short buffer keeps Grain's
   # per-element polling of it cheap (BENCHMARKS.md, "Data throughput").
-  ds = docs.map(_Tokenize(tokenizer)).to_iter_dataset(
+  # Instruction examples (instruct.py) come cut to seq_len, with their loss mask, which packing
+  # carries along (padding it with 0).
+  sft = sources.kind(config)[0] == "sft"
+  features = ("inputs", "targets", "loss_mask") if sft else ("inputs", "targets")
+  tokenize = (instruct.Tokenize(tokenizer, config.seq_len, config.data.train_on_prompt) if sft
+              else _Tokenize(tokenizer))
+  ds = docs.map(tokenize).to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
   ds = grain.experimental.FlatMapIterDataset(ds, _Pieces(config.seq_len))
   ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"inputs": config.seq_len, "targets": config.seq_len},
+      ds, length_struct={k: config.seq_len for k in features},
       num_packing_bins=NUM_PACKING_BINS, seed=config.seed, shuffle_bins=shuffle_bins)
   return ds.batch(batch_size, drop_remainder=True).map(_to_batch)
 
