@@ -62,6 +62,9 @@ def load(config, split: str, tokenizer: tokenizer_lib.Tokenizer, *,
   if config.data.bad_records not in files.BAD_RECORDS:
     raise ValueError(f"unknown data.bad_records {config.data.bad_records!r}; valid values: "
                      f"{', '.join(files.BAD_RECORDS)}")
+  if config.data.eval_source and name != "sft":
+    raise ValueError(f"data.eval_source is for sft: sources; data.source {config.data.source!r} "
+                     f"holds out its own validation split: leave data.eval_source empty")
   if name == "embedded":
     docs = embedded.documents(split)
     return {"embedded": Domain(grain.MapDataset.source(docs), np.mean([len(d) for d in docs]))}
@@ -73,9 +76,6 @@ def load(config, split: str, tokenizer: tokenizer_lib.Tokenizer, *,
     exs = instruct.examples(config, split, tokenizer)
     text_bytes = [sum(len(p) for p, _ in e.parts if isinstance(p, str)) for e in exs]
     return {"sft": Domain(grain.MapDataset.source(exs), float(np.mean(text_bytes)))}
-  if config.data.eval_source:
-    raise ValueError(f"data.eval_source is for sft: sources; data.source {config.data.source!r} "
-                     f"holds out its own validation split: leave data.eval_source empty")
   return _files(config, arg, split)
 
 
