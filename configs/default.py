@@ -27,8 +27,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.nan_policy = "skip"             # non-finite loss/grads: "skip" the update (train/skipped_steps)
                                     # or "abort": save the last good state and exit with status 3
   c.run_name = ""                   # optional subdirectory of --workdir for this run
-  c.init_from = ""                  # Hugging Face model dir whose weights start a new run (fine-tuning);
-                                    # model.* must describe it. Ignored once the run has a checkpoint.
+  c.init_from = ""                  # weights that start a new run (fine-tuning): a Hugging Face model dir,
+                                    # or a spjax workdir (its newest checkpoint, or DIR@STEP); model.*
+                                    # must describe it. Ignored once the run has a checkpoint.
 
   # Sharding: a preset name (spjax/parallel/layouts.py), a "logical:mesh,mesh;..." string, or a rules file.
   c.layout = "fsdp"
@@ -66,6 +67,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.chat_template = "auto"     # chat rows: "plain" (Human:/Assistant:), "chatml" (<|im_start|> pieces)
                                     # or "auto" (chatml when the tokenizer has those pieces)
   c.data.overlong = "truncate"      # example longer than seq_len: "truncate" its prompt's start, or "refuse"
+  # Augmentation of the training split (spjax/data/augment.py); 0 = off. Never alters completions.
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.sentence_shuffle = 0.0  # probability a text's sentences are put in random order
+  c.data.augment.sentence_reverse = 0.0  # probability a sentence's words are put in reverse order
+  c.data.augment.token_delete = 0.0      # per prompt/document token: dropped
+  c.data.augment.token_replace = 0.0     # per token: input replaced by a random piece
+  c.data.augment.token_mask = 0.0        # per token: input replaced by <unk>
 
   c.model = model_lib.SIZES[arg].to_config()
 

@@ -25,6 +25,7 @@ of the validation split, `eval_weights` the shares that combine their losses int
 import grain
 import numpy as np
 
+from spjax.data import augment
 from spjax.data import instruct
 from spjax.data import mixtures
 from spjax.data import sources
@@ -119,8 +120,9 @@ def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, batch_size: int,
-            shuffle_bins: bool) -> grain.IterDataset:
-  """Documents (texts or token ids) -> packed batches of the contract above."""
+            shuffle_bins: bool, train: bool = False) -> grain.IterDataset:
+  """Documents (texts or token ids) -> packed batches of the contract above; `train` applies
+  data.augment (augment.py) before and after tokenization."""
   # Two threads read and tokenize ahead, in order (deterministic). SentencePiece lets go of the GIL,
   # so on two cores they nearly double on-the-fly throughput; a short buffer keeps Grain's
   # per-element polling of it cheap (BENCHMARKS.md, "Data throughput").
@@ -128,10 +130,15 @@ def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, 
   # carries along (padding it with 0).
   sft = sources.kind(config)[0] == "sft"
   features = ("inputs", "targets", "loss_mask") if sft else ("inputs", "targets")
-  tokenize = (instruct.Tokenize(tokenizer, config.seq_len, config.data.train_on_prompt) if sft
-              else _Tokenize(tokenizer))
-  ds = docs.map(tokenize).to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+  noise = train and augment.token_noise_on(config)
+  tokenize = (instruct.Tokenize(tokenizer, config.seq_len, config.data.train_on_prompt,
+                                text_flags=noise) if sft else _Tokenize(tokenizer))
+  if train:
+    docs = augment.text(docs, config)
+  ds = docs.map(tokenize)
+  if noise:
+    ds = augment.tokens(ds, config, tokenizer)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
   ds = grain.experimental.FlatMapIterDataset(ds, _Pieces(config.seq_len))
   ds = grain.experimental.FirstFitPackIterDataset(
       ds, length_struct={k: config.seq_len for k in features},
@@ -161,7 +168,8 @@ def make_dataset(config, split: str, tokenizer: tokenizer_lib.Tokenizer, *, batc
   rows = batch_size // len(mine)
   streams = [batches(source(config, split, tokenizer=tokenizer, process_index=shard,
                             process_count=shards, num_epochs=num_epochs),
-                     config, tokenizer, rows, shuffle_bins=split == "train") for shard in mine]
+                     config, tokenizer, rows, shuffle_bins=split == "train",
+                     train=split == "train") for shard in mine]
   if len(streams) == 1:
     return streams[0]
   # One batch = each shard's next rows, stacked in shard order.

@@ -36,6 +36,16 @@ class Tokenizer:
     return self._sp.eos_id()
 
   @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  def ordinary_ids(self) -> list[int]:
+    """Ids of the pieces text is made of: no control, unknown or byte-fallback pieces."""
+    sp = self._sp
+    return [i for i in range(sp.vocab_size())
+            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+
+  @property
   def model_proto(self) -> bytes:
     """The serialized model: what identifies this tokenizer (and rebuilds it in another process)."""
     return self._sp.serialized_model_proto()
