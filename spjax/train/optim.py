@@ -78,7 +78,7 @@ def decay_mask(params, embeddings: bool = True):
     if name == "bias" or name.endswith("_bias"):
       return False
     names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
-    if not embeddings and names is not None and tuple(names)[:1] == ("vocab",):
+    if not embeddings and names is not None and [n for n in names if n != "layers"][:1] == ["vocab"]:
       return False
     if names is not None:
       return len([n for n in names if n != "layers"]) >= 2
