@@ -22,9 +22,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import sft  # noqa: E402  (configs/ is not a package)
 
-# What configs/sft.py:tiny reaches on its held-out prompts (README, "Fine-tune"); the untrained
+# configs/sft.py:tiny reaches 0.641 on its held-out prompts (README, "Fine-tune"); the untrained
 # model gets none right.
-STATED_EXACT_MATCH = 0.3
+STATED_EXACT_MATCH = 0.6
 
 
 def sft_tiny(**overrides):
@@ -57,7 +57,7 @@ def test_fine_tuned_tiny_reaches_the_stated_exact_match(tuned):
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["data"]["chat_template"] == "plain"  # "auto", as resolved for the run
   # Loss on held-out completions fell well below the untrained level (log 1024 = 6.9).
-  assert final["eval/loss"] < 1.5
+  assert final["eval/loss"] < 0.6
 
 
 def test_init_from_a_workdir_starts_from_its_checkpoint(tuned, tmp_path):

@@ -30,7 +30,7 @@ def _some(rng, k):
 
 
 def _repeat(rng):
-  w = _some(rng, rng.randint(2, 4))
+  w = _some(rng, rng.randint(2, 3))
   return f"Repeat: {' '.join(w)}", " ".join(w)
 
 
