@@ -68,7 +68,7 @@ def main(argv):
   if (_WORKDIR.value is None) == (_HF_DIR.value is None):
     raise app.UsageError("give exactly one of --workdir and --hf_dir")
   if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
-    raise app.UsageError("give --prompt (repeatable) or --prompts_file, not both")
+    raise app.UsageError("give exactly one of --prompt (repeatable) and --prompts_file")
   if (_PROMPTS_FILE.value is None) != (_OUTPUT.value is None):
     raise app.UsageError("--prompts_file and --output go together")
   if _BATCH_SIZE.value <= 0:
