@@ -20,14 +20,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.eval_every_steps = 100          # also evaluates after the last step
   c.eval_batches = 4                # batches of the held-out split per evaluation
   c.plot_every_eval = False         # redraw WORKDIR/metrics.png at every eval (needs spjax[plot])
+  c.eval_exact_match = 0            # sft: held-out prompts answered greedily after the last step,
+                                    # scored as eval/exact_match (0 = off)
   c.checkpoint_every_steps = 100    # also saves after the last step and when preempted (SIGTERM)
   c.max_checkpoints_to_keep = 3     # the newest N checkpoints survive...
   c.keep_checkpoint_every_steps = 0  # ...plus every multiple of this step, for good (0 = none)
   c.nan_policy = "skip"             # non-finite loss/grads: "skip" the update (train/skipped_steps)
                                     # or "abort": save the last good state and exit with status 3
   c.run_name = ""                   # optional subdirectory of --workdir for this run
-  c.init_from = ""                  # Hugging Face model dir whose weights start a new run (fine-tuning);
-                                    # model.* must describe it. Ignored once the run has a checkpoint.
+  c.init_from = ""                  # weights that start a new run (fine-tuning): a Hugging Face model dir,
+                                    # or a spjax workdir (its newest checkpoint, or DIR@STEP); model.*
+                                    # must describe it. Ignored once the run has a checkpoint.
 
   # Sharding: a preset name (spjax/parallel/layouts.py), a "logical:mesh,mesh;..." string, or a rules file.
   c.layout = "fsdp"
@@ -62,6 +65,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Document shards, each packed on its own (0 = one per process). A fixed number (a multiple of
   # the process count) gives the same global batches whatever the number of processes.
   c.data.shards = 0
+  # Instruction data (data.source="sft:GLOB", spjax/data/instruct.py):
+  c.data.eval_source = ""           # held-out rows from another sft:GLOB; "" = ~5% of data.source by row hash
+  c.data.train_on_prompt = False    # False: train on completions only; True: prompt too (DeepSpeed-Chat step 1)
+  c.data.chat_template = "auto"     # chat rows: "plain" (Human:/Assistant:), "chatml" (<|im_start|> pieces)
+                                    # or "auto" (chatml when the tokenizer has those pieces)
+  c.data.overlong = "truncate"      # example longer than seq_len: "truncate" its prompt's start, or "refuse"
+  # Augmentation of the training split (spjax/data/augment.py); 0 = off. Never alters completions.
+  c.data.augment = ml_collections.ConfigDict()
+  c.data.augment.sentence_shuffle = 0.0  # probability a text's sentences are put in random order
+  c.data.augment.sentence_reverse = 0.0  # probability a sentence's words are put in reverse order
+  c.data.augment.token_delete = 0.0      # per prompt/document token: dropped
+  c.data.augment.token_replace = 0.0     # per token: input replaced by a random piece
+  c.data.augment.token_mask = 0.0        # per token: input replaced by <unk>
 
   c.model = model_lib.SIZES[arg].to_config()
   if arg in ("1b", "7b"):
@@ -79,6 +95,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.95
   c.optimizer.eps = 1e-8
   c.optimizer.weight_decay = 0.1    # decoupled; never applied to norm scales or biases
+  c.optimizer.decay_embeddings = True  # False: no weight decay on the token embedding table either
   c.optimizer.momentum = 0.9        # sgd only
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
 

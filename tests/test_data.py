@@ -93,7 +93,8 @@ def test_batch_contract(tok):
   batches = list(itertools.islice(pipeline.make_dataset(_config(), "train", tok, batch_size=16), 8))
   loss_fraction = []
   for b in batches:
-    assert set(b) == {"inputs", "targets", "segment_ids", "positions"}
+    assert set(b) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
+    np.testing.assert_array_equal(b["loss_mask"], b["segment_ids"] > 0)  # pretraining: all trained
     for v in b.values():
       assert v.shape == (16, SEQ_LEN) and v.dtype == np.int32
     for r, s, sl in _segments(b):

@@ -97,7 +97,7 @@ def fixed_batch(prog):
   tokens = jax.random.randint(jax.random.key(42), (shape[0], shape[1] + 1), 0,
                               prog.model_cfg.vocab_size)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-           "segment_ids": jnp.ones(shape, jnp.int32),
+           "segment_ids": jnp.ones(shape, jnp.int32), "loss_mask": jnp.ones(shape, jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(shape[1]), shape)}
   return {k: jax.device_put(v.astype(jnp.int32), prog.batch_sharding) for k, v in batch.items()}
 

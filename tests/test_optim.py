@@ -69,6 +69,11 @@ def test_decay_mask_only_matrices(layers):
   assert dict(mask) == {"kernel": True, "embedding": True, "scale": False, "bias": False}
 
 
+def test_decay_mask_can_leave_the_token_embedding_out():
+  mask = optim.decay_mask(_params(3), embeddings=False)
+  assert dict(mask) == {"kernel": True, "embedding": False, "scale": False, "bias": False}
+
+
 def test_decay_mask_without_axis_names_uses_ndim():
   mask = optim.decay_mask({"w": jnp.ones((2, 3)), "b": jnp.ones((3,))})
   assert mask == {"w": True, "b": False}

@@ -111,6 +111,7 @@ def test_non_finite_step_is_skipped_and_counted():
   prog = program.build(tiny(**{"model.dtype": "float32"}))
   tokens = jnp.zeros((prog.global_batch, 128), jnp.int32)
   batch = {"inputs": tokens, "targets": tokens, "segment_ids": jnp.ones_like(tokens),
+           "loss_mask": jnp.ones_like(tokens),
            "positions": jnp.broadcast_to(jnp.arange(128), tokens.shape)}
   poisoned = batch | {"inputs": tokens + 5000}  # ids past the vocab embed as NaN
   with prog.activate():

@@ -5,6 +5,7 @@ active layout's sharding: the raw params, or the moving average (`ema=True`, con
 quantized workdir (tools/quantize.py; its config.json says how) restores its integers and scales.
 """
 
+import json
 import os
 
 import jax
@@ -64,7 +65,7 @@ def shardings(abstract):
 def load_params(workdir: str, step: int | None = None, *, ema: bool = False):
   """(params State, its shardings, step) of a checkpoint, read into the active layout."""
   config = ml_collections.ConfigDict(read_config(workdir))
-  path, step = state_dir(workdir, step)
+  _, step = state_dir(workdir, step)
   _, abstract = abstract_params(config)
   key = "params"
   if ema:
@@ -77,13 +78,7 @@ def load_params(workdir: str, step: int | None = None, *, ema: bool = False):
     key = "ema_params"  # float32 whatever param_dtype is
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), abstract)
   target_shardings = shardings(abstract)
-  target = {key: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, target_shardings)}
-  restored = ocp.PyTreeCheckpointer().restore(
-      path, args=ocp.args.PyTreeRestore(
-          item=target, partial_restore=True,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-  return restored[key], target_shardings, step
+  return restore_params(workdir, step, abstract, target_shardings, key), target_shardings, step
 
 
 def load(workdir: str, step: int | None = None, *, ema: bool = False):
@@ -92,3 +87,56 @@ def load(workdir: str, step: int | None = None, *, ema: bool = False):
   graphdef, _ = abstract_params(config)
   params, _, _ = load_params(workdir, step, ema=ema)
   return nnx.merge(graphdef, params), config
+
+
+def restore_params(workdir: str, step: int | None, abstract, target_shardings, key="params"):
+  """The params State (or `key`'s, e.g. "ema_params") of a checkpoint, each array read straight
+  into its sharding."""
+  path, _ = state_dir(workdir, step)
+  target = {key: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, target_shardings)}
+  restored = ocp.PyTreeCheckpointer().restore(
+      path, args=ocp.args.PyTreeRestore(
+          item=target, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  return restored[key]
+
+
+# Fields that decide the params' shapes and meaning: a run started from a workdir must match them.
+MATCHED_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "mlp_dim", "rope_theta", "rotary_pct", "norm", "norm_eps", "mlp_activation",
+                  "gated_mlp", "parallel_residual", "attn_bias", "mlp_bias", "tie_embeddings",
+                  "scan_layers")
+
+
+def init_source(spec: str) -> tuple[str, int | None] | None:
+  """`init_from` -> (spjax workdir, step or None = newest), or None when it is no spjax workdir.
+
+  A spjax workdir is a directory whose config.json has a "model" section (a Hugging Face one has
+  "model_type" instead); `DIR@STEP` names a step.
+  """
+  directory, at, step = spec.rpartition("@")
+  if not (at and step.isdigit()):
+    directory, step = spec, None
+  path = os.path.join(directory, "config.json")
+  try:
+    with open(path) as f:
+      is_workdir = isinstance(json.load(f).get("model"), dict)
+  except (OSError, ValueError, AttributeError):
+    is_workdir = False
+  if not is_workdir and step is not None:
+    raise ValueError(f"init_from={spec}: {directory} is not an spjax workdir (no config.json with "
+                     f"a model section), so it has no step {step} to start from")
+  return (directory, None if step is None else int(step)) if is_workdir else None
+
+
+def check_matches(spec: str, cfg: model_lib.ModelConfig) -> None:
+  """Raises ValueError listing every `model.*` field that differs from the workdir's model, and
+  one if the named checkpoint does not exist."""
+  directory, step = init_source(spec)
+  theirs = read_config(directory)["model"]
+  wrong = [f"--config.model.{f}={theirs[f]} (config has {getattr(cfg, f)})"
+           for f in MATCHED_FIELDS if f in theirs and theirs[f] != getattr(cfg, f)]
+  if wrong:
+    raise ValueError(f"init_from={spec} holds a different model; to load it set " + ", ".join(wrong))
+  state_dir(directory, step)  # ValueError if the named checkpoint does not exist

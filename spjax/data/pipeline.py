@@ -5,6 +5,8 @@ One batch (numpy, per process, B = batch_size rows, T = config.seq_len):
   targets      int32 [B, T]  the next token of each input: that[1:], so never across documents
   segment_ids  int32 [B, T]  1, 2, ... = which document piece of the row; 0 = padding (no loss)
   positions    int32 [B, T]  0-based position within the piece (restarts at 0 for each piece)
+  loss_mask    int32 [B, T]  1 = the target is trained; pretraining: segment_ids > 0, instruction
+                             data (instruct.py): the completion tokens (or all, data.train_on_prompt)
 
 Documents longer than T are cut into pieces of at most T (inputs, targets) pairs, so every token of
 a document is a target exactly once; a piece only attends within itself. Pieces are packed into rows
@@ -23,6 +25,8 @@ of the validation split, `eval_weights` the shares that combine their losses int
 import grain
 import numpy as np
 
+from spjax.data import augment
+from spjax.data import instruct
 from spjax.data import mixtures
 from spjax.data import sources
 from spjax.data import tokenizer as tokenizer_lib
@@ -107,22 +111,37 @@ class _Pieces(grain.experimental.FlatMapTransform):
 
 
 def _to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  # Packing numbers segments and positions per feature; inputs and targets share both.
-  return {"inputs": packed["inputs"], "targets": packed["targets"],
-          "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"]}
+  # Packing numbers segments and positions per feature; inputs and targets share both. Documents
+  # without a loss_mask train every target; packing pads a loss_mask it carries with 0.
+  segment_ids = packed["inputs_segment_ids"]
+  loss_mask = packed.get("loss_mask", (segment_ids > 0).astype(np.int32))
+  return {"inputs": packed["inputs"], "targets": packed["targets"], "segment_ids": segment_ids,
+          "positions": packed["inputs_positions"], "loss_mask": loss_mask}
 
 
 def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, batch_size: int,
-            shuffle_bins: bool) -> grain.IterDataset:
-  """Documents (texts or token ids) -> packed batches of the contract above."""
+            shuffle_bins: bool, train: bool = False) -> grain.IterDataset:
+  """Documents (texts or token ids) -> packed batches of the contract above; `train` applies
+  data.augment (augment.py) before and after tokenization."""
   # Two threads read and tokenize ahead, in order (deterministic). SentencePiece lets go of the GIL,
   # so on two cores they nearly double on-the-fly throughput; a short buffer keeps Grain's
   # per-element polling of it cheap (BENCHMARKS.md, "Data throughput").
-  ds = docs.map(_Tokenize(tokenizer)).to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+  # Instruction examples (instruct.py) come cut to seq_len, with their loss mask, which packing
+  # carries along (padding it with 0).
+  sft = sources.kind(config)[0] == "sft"
+  features = ("inputs", "targets", "loss_mask") if sft else ("inputs", "targets")
+  noise = train and augment.token_noise_on(config)
+  tokenize = (instruct.Tokenize(tokenizer, config.seq_len, config.data.train_on_prompt,
+                                text_flags=noise) if sft else _Tokenize(tokenizer))
+  if train:
+    docs = augment.text(docs, config)
+  ds = docs.map(tokenize)
+  if noise:
+    ds = augment.tokens(ds, config, tokenizer)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
   ds = grain.experimental.FlatMapIterDataset(ds, _Pieces(config.seq_len))
   ds = grain.experimental.FirstFitPackIterDataset(
-      ds, length_struct={"inputs": config.seq_len, "targets": config.seq_len},
+      ds, length_struct={k: config.seq_len for k in features},
       num_packing_bins=NUM_PACKING_BINS, seed=config.seed, shuffle_bins=shuffle_bins)
   return ds.batch(batch_size, drop_remainder=True).map(_to_batch)
 
@@ -149,7 +168,8 @@ def make_dataset(config, split: str, tokenizer: tokenizer_lib.Tokenizer, *, batc
   rows = batch_size // len(mine)
   streams = [batches(source(config, split, tokenizer=tokenizer, process_index=shard,
                             process_count=shards, num_epochs=num_epochs),
-                     config, tokenizer, rows, shuffle_bins=split == "train") for shard in mine]
+                     config, tokenizer, rows, shuffle_bins=split == "train",
+                     train=split == "train") for shard in mine]
   if len(streams) == 1:
     return streams[0]
   # One batch = each shard's next rows, stacked in shard order.

@@ -13,8 +13,11 @@
                     {"text": ...} per line, or any other file as one UTF-8 document. Read into
                     memory at start; a document is held out for validation when the crc32 of
                     "<path relative to the glob's directory>:<line>" is divisible by 20 (~5%).
+  sft:GLOB          instruction data (instruct.py): rows of prompts and completions or chat
+                    messages in .jsonl, .jsonl.zst or .json files; "sft:embedded" is the embedded
+                    instruction set. Documents are instruct.Example, trained on their completions.
 
-Sources other than slimpajama have one domain, named "embedded", the TFDS name, or "files".
+Sources other than slimpajama have one domain, named "embedded", the TFDS name, "files" or "sft".
 A document is a str (tokenized on the fly) or, for SlimPajama prepared with `data.pretokenize`,
 the token ids without bos/eos (int array).
 """
@@ -31,9 +34,10 @@ import numpy as np
 
 from spjax.data import embedded
 from spjax.data import files
+from spjax.data import instruct
 from spjax.data import tokenizer as tokenizer_lib
 
-KINDS = ("embedded", "slimpajama:DIR", "tfds:NAME", "files:GLOB")
+KINDS = ("embedded", "slimpajama:DIR", "tfds:NAME", "files:GLOB", "sft:GLOB")
 
 
 @dataclasses.dataclass
@@ -46,7 +50,7 @@ def kind(config) -> tuple[str, str]:
   """`data.source` -> (kind, argument), e.g. ("slimpajama", "/data/sp"); ValueError if unknown."""
   name, sep, arg = config.data.source.partition(":")
   if (name, bool(sep)) in {("embedded", False), ("slimpajama", True), ("tfds", True),
-                           ("files", True)} and (arg or name == "embedded"):
+                           ("files", True), ("sft", True)} and (arg or name == "embedded"):
     return name, arg
   raise ValueError(f"unknown data.source {config.data.source!r}; valid forms: {', '.join(KINDS)}")
 
@@ -58,6 +62,9 @@ def load(config, split: str, tokenizer: tokenizer_lib.Tokenizer, *,
   if config.data.bad_records not in files.BAD_RECORDS:
     raise ValueError(f"unknown data.bad_records {config.data.bad_records!r}; valid values: "
                      f"{', '.join(files.BAD_RECORDS)}")
+  if config.data.eval_source and name != "sft":
+    raise ValueError(f"data.eval_source is for sft: sources; data.source {config.data.source!r} "
+                     f"holds out its own validation split: leave data.eval_source empty")
   if name == "embedded":
     docs = embedded.documents(split)
     return {"embedded": Domain(grain.MapDataset.source(docs), np.mean([len(d) for d in docs]))}
@@ -65,6 +72,10 @@ def load(config, split: str, tokenizer: tokenizer_lib.Tokenizer, *,
     return _slimpajama(config, arg, split, tokenizer, process_count)
   if name == "tfds":
     return _tfds(config, arg, split)
+  if name == "sft":
+    exs = instruct.examples(config, split, tokenizer)
+    text_bytes = [sum(len(p) for p, _ in e.parts if isinstance(p, str)) for e in exs]
+    return {"sft": Domain(grain.MapDataset.source(exs), float(np.mean(text_bytes)))}
   return _files(config, arg, split)
 
 

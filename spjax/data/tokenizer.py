@@ -36,6 +36,16 @@ class Tokenizer:
     return self._sp.eos_id()
 
   @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
+
+  def ordinary_ids(self) -> list[int]:
+    """Ids of the pieces text is made of: no control, unknown or byte-fallback pieces."""
+    sp = self._sp
+    return [i for i in range(sp.vocab_size())
+            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+
+  @property
   def model_proto(self) -> bytes:
     """The serialized model: what identifies this tokenizer (and rebuilds it in another process)."""
     return self._sp.serialized_model_proto()
@@ -45,6 +55,17 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and each one's [begin, end) UTF-8 byte span in `text` (empty for a byte-fallback
+    token before the last of its character, and for the dummy-prefix space)."""
+    pieces = self._sp.encode_as_proto(text).pieces
+    return [p.id for p in pieces], [(p.begin, p.end) for p in pieces]
+
+  def piece_id(self, piece: str) -> int | None:
+    """The id of a piece (a control or user-defined symbol such as "<|im_start|>"), or None."""
+    i = self._sp.piece_to_id(piece)
+    return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
 
 
 def load(path: str = "") -> Tokenizer:

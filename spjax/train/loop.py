@@ -6,9 +6,11 @@ import time
 import jax
 import numpy as np
 
+from spjax.data import instruct
 from spjax.data import pipeline
 from spjax.data import tokenizer as tokenizer_lib
 from spjax.infer import evaluate as evaluate_lib
+from spjax.infer import exact_match
 from spjax.train import checkpoint as checkpoint_lib
 from spjax.train import metrics as metrics_lib
 from spjax.train import plots
@@ -41,6 +43,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"model.vocab_size ({model_cfg.vocab_size}) is smaller than the tokenizer's "
                      f"vocabulary ({tokenizer.vocab_size}); raise model.vocab_size")
+  # config.json records the chat template the run trains with, for spjax-generate --prompts_file.
+  config.data.chat_template = instruct.resolve_template(config.data.chat_template, tokenizer)
   flops_per_token = metrics_lib.flops_per_token(model_cfg, config.seq_len)
   peak_flops = mesh.size * metrics_lib.peak_flops_per_device(jax.devices()[0],
                                                              config.peak_tflops_per_device)
@@ -70,6 +74,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   evaluation = evaluate_lib.Evaluation(
       config, tokenizer, prog.batch_sharding,
       batch_size=config.per_device_batch_size * mesh.size // jax.process_count(), **data_kw)
+  em_examples = exact_match.held_out(config, tokenizer, jax.process_count())  # [] unless sft
 
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(prog.batch_sharding, np.asarray(v))
@@ -136,7 +141,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ==============================================================================================
     # Train loop.
     # ==============================================================================================
-    pending, window_start, final = [], time.perf_counter(), {}
+    pending, window_start, final, stop = [], time.perf_counter(), {}, False
     for step in range(start_step, config.num_train_steps):
       state, metrics = train_step(state, to_global(next(train_iter)))
       pending.append(metrics)  # fetched only when logging, so steps stay asynchronous
@@ -156,6 +161,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
           print(f"spjax: preempted; saved step {done}. Rerun the same command to resume.",
                 flush=True)
         break
+
+    if em_examples and not stop:
+      score, _ = exact_match.for_params(
+          prog.graphdef, state["params"], em_examples, tokenizer, config.data.chat_template,
+          max_prompt_tokens=config.seq_len, batch_size=config.per_device_batch_size * mesh.size)
+      step = int(jax.device_get(state["step"]))
+      final["eval/exact_match"] = score
+      writer.write(step, {"eval/exact_match": score})
+      if primary:
+        print(f"exact match at step {step}: {score:.3f} on {len(em_examples)} held-out prompts",
+              flush=True)
 
   ckpt.wait()
   ckpt.close()

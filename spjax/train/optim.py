@@ -1,5 +1,7 @@
 """The optimizer from `config.optimizer`: clipping, warmup-cosine schedule, masked weight decay."""
 
+import functools
+
 import jax
 import ml_collections
 import optax
@@ -31,21 +33,22 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_train_steps: int):
       end_value=opt_cfg.end_lr_ratio * opt_cfg.learning_rate)
 
   wd = opt_cfg.weight_decay
+  decayed = functools.partial(decay_mask, embeddings=opt_cfg.decay_embeddings)
   if opt_cfg.name == "adamw":
     tx = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=wd,
-                     mask=decay_mask)
+                     mask=decayed)
   elif opt_cfg.name == "adam":
     tx = optax.adam(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
   elif opt_cfg.name == "sgd":
     # optax.sgd with the decay added after momentum, so it stays decoupled (SGDW).
     tx = optax.chain(optax.trace(decay=opt_cfg.momentum),
-                     optax.add_decayed_weights(wd, mask=decay_mask),
+                     optax.add_decayed_weights(wd, mask=decayed),
                      optax.scale_by_learning_rate(schedule))
   else:
     # Adafactor adds its decay after the learning rate is applied, so scale the rate by the schedule
     # to get the same `lr_t * weight_decay` as AdamW.
     tx = optax.adafactor(schedule, weight_decay_rate=lambda step: wd * schedule(step),
-                         weight_decay_mask=decay_mask)
+                         weight_decay_mask=decayed)
 
   if opt_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
@@ -59,8 +62,11 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_train_steps: int):
 _NEVER_GIVE_UP = 2**31 - 1
 
 
-def decay_mask(params):
+def decay_mask(params, embeddings: bool = True):
   """True for weight matrices (kernels, embeddings), False for norm scales and biases.
+
+  `embeddings=False` leaves the token embedding table (logical axes ("vocab", "embed")) out too, as
+  fine-tuning usually does; an untied output projection is still decayed.
 
   Biases are recognised by name (`..._bias`, `bias`): a per-head q bias is [heads, head_dim], 2-D
   but still a bias. Otherwise a scanned stack's leading `layers` axis must not count, so with logical
@@ -72,6 +78,8 @@ def decay_mask(params):
     if name == "bias" or name.endswith("_bias"):
       return False
     names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
+    if not embeddings and names is not None and [n for n in names if n != "layers"][:1] == ["vocab"]:
+      return False
     if names is not None:
       return len([n for n in names if n != "layers"]) >= 2
     return leaf.ndim >= 2

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spjax.convert import hf
+from spjax.convert import workdir
 from spjax.model import attention
 from spjax.model import model as model_lib
 from spjax.parallel import layouts, sharding
@@ -105,6 +106,12 @@ class Program:
 
   def pretrained_state(self):
     """Step 0 from `config.init_from`'s weights, read straight into the layout's shardings."""
+    run = workdir.init_source(self.config.init_from)
+    if run:  # an spjax workdir: its checkpoint's params, restored as this run's
+      params = workdir.restore_params(*run, self.abstract_params, self.state_shardings["params"])
+      init = jax.jit(self._under_layout(self.init_state), out_shardings=self.state_shardings,
+                     donate_argnums=0)
+      return init(params)
     run_as = {f.name: getattr(self.model_cfg, f.name) for f in dataclasses.fields(self.model_cfg)
               if f.name not in hf.ARCHITECTURE_FIELDS}  # dtypes, scan, remat, attention
     model, _ = hf.from_pretrained(self.config.init_from, **run_as)
@@ -119,7 +126,7 @@ class Program:
   def abstract_batch(self, rows: int | None = None):
     shape = (rows or self.global_batch, self.config.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding)
-            for k in ("inputs", "targets", "segment_ids", "positions")}
+            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
 
   def jit_train_step(self):
     """(state, batch) -> (state, metrics); the state is donated so it updates in place."""
@@ -143,7 +150,9 @@ class Program:
 def build(config, devices=None) -> Program:
   """Validates config, layout and mesh against every parameter and activation shape."""
   model_cfg = check_config(config)
-  if config.init_from:
+  if config.init_from and workdir.init_source(config.init_from):
+    workdir.check_matches(config.init_from, model_cfg)
+  elif config.init_from:
     hf.check_matches(config.init_from, model_cfg)
   layout = layouts.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)

@@ -1,8 +1,9 @@
 """Pure train and eval steps: (state, batch) -> (state, metrics). No I/O, no Python state.
 
 `state` is {"step": int32 [], "params": nnx.State, "opt_state": optax state} (+ "ema_params", the
-float32 moving average of the params, when config.ema_decay > 0); `batch` is the data
-pipeline's dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 = padding).
+float32 moving average of the params, when config.ema_decay > 0); `batch` is the data pipeline's
+dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 = padding) and
+`loss_mask` [B, T] (int or float): the weight of each target, 0 = not trained (padding, prompts).
 """
 
 import jax
@@ -17,12 +18,14 @@ from spjax.train import loss as loss_lib
 def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, loss_chunk=0):
   """Summed token cross-entropy (+ z-loss) times `scale`, the unscaled sum, and the token count.
 
+  Every sum is weighted by `batch["loss_mask"]`; the count is the sum of the mask.
+
   With `scale` = 1 / (tokens in the whole batch), gradients of microbatches add up to the gradient of
   the batch's mean loss, with no division pass over the gradients afterwards. `loss_chunk` > 0
   unembeds that many positions at a time (spjax/train/loss.py): same sums, no [B, T, V] logits.
   """
   model = nnx.merge(graphdef, params)
-  mask = (batch["segment_ids"] > 0).astype(jnp.float32)  # [B, T]
+  mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
   if loss_chunk:
     hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
                           dropout_key=dropout_key)  # [B, T, D]
@@ -53,7 +56,8 @@ def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_st
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
   grad_fn = jax.grad(loss_sums, has_aux=True)
 
-  tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
+  # Trained targets of the whole global batch (every microbatch), so microbatch gradients add up.
+  tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
   if grad_accum_steps == 1:
     grads, (nll_sum, _) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens, loss_chunk)
   else:
