@@ -74,5 +74,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optimizer.momentum = 0.9        # sgd only
   c.optimizer.grad_clip_norm = 1.0  # global-norm clipping; 0 = off
 
+  # Magnitude pruning while training (spjax/compress/prune.py); off while sparsity is 0 and the
+  # pattern unstructured. Masks live in the optimizer state, so checkpoints and layouts keep them.
+  c.prune = ml_collections.ConfigDict()
+  c.prune.sparsity = 0.0            # final fraction of zeros per matrix (unstructured); 0 = off
+  c.prune.pattern = "unstructured"  # "unstructured" (by magnitude) or "N:M" such as "2:4" (sets
+                                    # the sparsity to 1 - N/M; leave prune.sparsity at 0)
+  c.prune.start_step = 0            # first update that prunes (N:M prunes only here)
+  c.prune.end_step = 0              # the cubic schedule (Zhu & Gupta) reaches prune.sparsity here
+  c.prune.every_steps = 10          # masks recomputed every this many updates in [start, end]
+  c.prune.exclude = "embed|norm|bias"  # regex on param paths never pruned; 1-D params never are
+
   c.peak_tflops_per_device = 0.0    # for train/mfu; 0 = look up the device kind (measured on CPU)
   return c

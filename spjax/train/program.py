@@ -142,7 +142,7 @@ def build(config, devices=None) -> Program:
   for name, (shape, names) in model_lib.activation_shapes(model_cfg, micro_batch,
                                                           config.seq_len).items():
     sharding.validate_tensor(layout, mesh, name, shape, names)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps, config.prune)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
                  _state_shardings(abstract_params, param_shardings, tx, mesh, layout),
                  NamedSharding(mesh, layout.spec(("batch", "length"))))
