@@ -85,5 +85,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.prune.every_steps = 10          # masks recomputed every this many updates in [start, end]
   c.prune.exclude = "embed|norm|bias"  # regex on param paths never pruned; 1-D params never are
 
+  # Knowledge distillation (spjax/tune/distill.py): alpha * T^2 * KL(teacher_T || student_T) +
+  # (1 - alpha) * CE, masked like the CE; train/kl and train/ce are logged.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""            # spjax workdir (newest checkpoint) or Hugging Face model dir of
+                                    # the same vocabulary; frozen, run in the train step; "" = off
+  c.distill.temperature = 1.0       # T: both distributions are softmax(logits / T)
+  c.distill.alpha = 0.5             # weight of the KL term; 1 - alpha weighs the cross-entropy
+  c.distill.top_k = 0               # teacher's k most likely tokens, renormalised; 0 = all of them
+  c.distill.chunk_size = 512        # sequence positions whose logits exist at once (both models);
+                                    # must divide seq_len if smaller; 0 = the whole sequence
+
   c.peak_tflops_per_device = 0.0    # for train/mfu; 0 = look up the device kind (measured on CPU)
   return c

@@ -79,6 +79,16 @@ class Transformer(nnx.Module):
     x, _ = self._run(tokens, positions, segment_ids, dropout_key, None)
     return self._logits(x, ("batch", "length", "act_vocab"))
 
+  def hidden_states(self, tokens, positions, segment_ids, *, dropout_key=None):
+    """Final hidden states [B, T, D] (after the last norm), for losses that take `logits_of` a
+    chunk of the sequence at a time instead of holding all [B, T, V] logits."""
+    x, _ = self._run(tokens, positions, segment_ids, dropout_key, None)
+    return x
+
+  def logits_of(self, x):
+    """Hidden states [B, C, D] -> logits [B, C, V] float32: the unembedding matmul alone."""
+    return self._logits(x, ("batch", "length", "act_vocab"))
+
   def extend(self, tokens, positions, segment_ids, cache: KVCache):
     """Runs tokens [B, T] at cache slots index..index+T (eval mode): (logits [B, V], cache).
 

@@ -130,6 +130,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           "train/mfu": tokens_per_sec * flops_per_token / peak_flops,
           "train/skipped_steps": skipped,
       }
+      for name in sorted(window[-1].keys() - {"loss", "grad_norm", "learning_rate", "tokens"}):
+        # the objective's own terms (distillation: kl, ce)
+        out[f"train/{name}"] = float(np.mean([m[name] for m in finite])) if finite else float("nan")
       writer.write(step, out)
       writer.progress(step, out["train/loss"], tokens_per_sec)
       return out

@@ -22,6 +22,7 @@ from spjax.model import model as model_lib
 from spjax.parallel import layouts, sharding
 from spjax.train import optim
 from spjax.train import step as step_lib
+from spjax.tune import distill
 
 
 def check_config(config) -> model_lib.ModelConfig:
@@ -57,6 +58,7 @@ class Program:
   schedule: optax.Schedule
   state_shardings: dict  # {"step", "params", "opt_state"} -> NamedSharding trees
   batch_sharding: NamedSharding
+  teacher: distill.Teacher | None = None  # config.distill.teacher, run inside the train step
 
   @property
   def global_batch(self) -> int:
@@ -116,9 +118,15 @@ class Program:
     c = self.config
     fn = functools.partial(step_lib.train_step, graphdef=self.graphdef, tx=self.tx,
                            schedule=self.schedule, seed=c.seed,
-                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss)
-    return jax.jit(self._under_layout(fn), in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss,
+                           objective=self.teacher and self.teacher.objective())
+    frozen = () if self.teacher is None else (self.teacher.shardings,)
+    jitted = jax.jit(self._under_layout(fn),
+                     in_shardings=(self.state_shardings, self.batch_sharding, *frozen),
+                     out_shardings=(self.state_shardings, None), donate_argnums=0)
+    if self.teacher is None:
+      return jitted
+    return distill.BoundStep(jitted, self.teacher, self.mesh, self.layout)  # called as (state, batch)
 
   def jit_eval_step(self):
     return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef)),
@@ -145,7 +153,8 @@ def build(config, devices=None) -> Program:
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps, config.prune)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
                  _state_shardings(abstract_params, param_shardings, tx, mesh, layout),
-                 NamedSharding(mesh, layout.spec(("batch", "length"))))
+                 NamedSharding(mesh, layout.spec(("batch", "length"))),
+                 distill.build_teacher(config, model_cfg, layout, mesh))
 
 
 def _state_shardings(abstract_params, param_shardings, tx, mesh, layout):

@@ -4,6 +4,8 @@
 pipeline's dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 = padding).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -38,31 +40,37 @@ def _microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
-def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_steps: int,
-               z_loss: float):
+def train_step(state, batch, frozen=None, *, graphdef, tx, schedule, seed: int,
+               grad_accum_steps: int, z_loss: float, objective=None):
+  """One optimizer step. `objective` (e.g. distillation's) replaces `loss_sums`: it takes the same
+  arguments plus `frozen` (arrays it reads but does not train: a teacher's params) and returns
+  (objective * scale, (nll sum, {name: sum})); each sum is logged per token as metrics[name]."""
   params, step = state["params"], state["step"]
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
-  grad_fn = jax.grad(loss_sums, has_aux=True)
+  loss_fn = loss_sums if objective is None else functools.partial(objective,
+                                                                  teacher_params=frozen)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
 
   tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
   if grad_accum_steps == 1:
-    grads, (nll_sum, _) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
+    grads, (nll_sum, sums) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
   else:
-    def accumulate(carry, xs):
+    def accumulate(acc_g, xs):
       i, micro = xs
-      g, (nll, _) = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss,
-                            1.0 / tokens)
-      acc_g, acc_nll = carry
-      return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll), None
+      g, aux = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss, 1.0 / tokens)
+      return jax.tree.map(jnp.add, acc_g, g), aux
     zeros = jax.tree.map(jnp.zeros_like, params)
     xs = (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))
-    (grads, nll_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0), xs)
+    grads, auxs = jax.lax.scan(accumulate, zeros, xs)
+    nll_sum, sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), auxs)  # over microbatches
 
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
                "opt_state": opt_state}
   metrics = {"loss": nll_sum / tokens, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(step), "tokens": tokens}
+  if objective is not None:
+    metrics |= {name: value / tokens for name, value in sums.items()}
   return new_state, metrics
 
 
