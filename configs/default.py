@@ -6,6 +6,7 @@ parts of spjax rely on; unknown keys given on the command line are an error (the
 
 import ml_collections
 
+from spjax.compress import prune
 from spjax.model import model as model_lib
 
 
@@ -81,9 +82,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.prune.pattern = "unstructured"  # "unstructured" (by magnitude) or "N:M" such as "2:4" (sets
                                     # the sparsity to 1 - N/M; leave prune.sparsity at 0)
   c.prune.start_step = 0            # first update that prunes (N:M prunes only here)
-  c.prune.end_step = 0              # the cubic schedule (Zhu & Gupta) reaches prune.sparsity here
+  c.prune.end_step = 0              # the cubic schedule (Zhu & Gupta) reaches prune.sparsity here;
+                                    # 0 = start_step (prune all at once)
   c.prune.every_steps = 10          # masks recomputed every this many updates in [start, end]
-  c.prune.exclude = "embed|norm|bias"  # regex on param paths never pruned; 1-D params never are
+  c.prune.exclude = prune.DEFAULT_EXCLUDE  # "embed|norm|bias": regex on the param paths never
+                                    # pruned (embeddings, norms, biases); 1-D params never are
 
   # Knowledge distillation (spjax/tune/distill.py): alpha * T^2 * KL(teacher_T || student_T) +
   # (1 - alpha) * CE, masked like the CE; train/kl and train/ce are logged.

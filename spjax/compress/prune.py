@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 PATTERNS = "'unstructured' or 'N:M' such as '2:4'"
+DEFAULT_EXCLUDE = "embed|norm|bias"  # embeddings, unembedding, norm scales, biases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +61,8 @@ class Schedule:
       fail("sparsity", "must be in [0, 1)")
     if cfg.start_step < 0:
       fail("start_step", "must be >= 0")
-    if cfg.end_step < cfg.start_step:
-      fail("end_step", f"must be >= prune.start_step ({cfg.start_step})")
+    if cfg.end_step and cfg.end_step < cfg.start_step:
+      fail("end_step", f"must be >= prune.start_step ({cfg.start_step}), or 0 (= start_step)")
     if cfg.every_steps <= 0:
       fail("every_steps", "must be a positive number of steps")
     try:
@@ -69,7 +70,8 @@ class Schedule:
     except re.error as e:
       fail("exclude", f"is not a regular expression: {e}")
     sparsity = 1 - n_m[0] / n_m[1] if n_m else float(cfg.sparsity)
-    return cls(sparsity, n_m, cfg.start_step, cfg.end_step, cfg.every_steps, cfg.exclude)
+    return cls(sparsity, n_m, cfg.start_step, cfg.end_step or cfg.start_step, cfg.every_steps,
+               cfg.exclude)
 
   @property
   def enabled(self) -> bool:
@@ -201,8 +203,8 @@ def _rebuild(tree, flat: dict):
   return nnx.from_flat_state([(p, flat.get(p, v)) for p, v in nnx.to_flat_state(tree)])
 
 
-def sparsity_report(params, exclude: str) -> list[tuple[str, float]]:
-  """(name, fraction of exact zeros) per matrix, one row per layer of a scanned stack."""
+def sparsity_report(params, exclude: str) -> list[tuple[str, float, int]]:
+  """(name, fraction of exact zeros, size) per matrix, one row per layer of a scanned stack."""
   rows = []
   for path, var in _flat(params).items():
     if not prunable(_name(path), var, exclude):
@@ -210,8 +212,8 @@ def sparsity_report(params, exclude: str) -> list[tuple[str, float]]:
     w = jnp.asarray(var[...])
     axis = _layers_axis(var)
     if axis is None:
-      rows.append((_name(path), float(jnp.mean(w == 0))))
+      rows.append((_name(path), float(jnp.mean(w == 0)), w.size))
     else:
       for i, layer in enumerate(jnp.moveaxis(w, axis, 0)):
-        rows.append((f"{_name(path)}[{i}]", float(jnp.mean(layer == 0))))
+        rows.append((f"{_name(path)}[{i}]", float(jnp.mean(layer == 0)), layer.size))
   return rows
