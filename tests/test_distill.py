@@ -167,7 +167,8 @@ def test_a_hugging_face_teacher_loads_the_same_weights(teacher_dir, tmp_path):
 
 def test_a_distilled_run_logs_kl_and_ce_and_keeps_the_teacher_out_of_its_state(teacher_dir,
                                                                              tmp_path):
-  cfg = tiny(**STUDENT, num_train_steps=2, eval_every_steps=2, layout="tp",
+  """Under tp, with two microbatches per step (their KL and CE sums add up)."""
+  cfg = tiny(**STUDENT, num_train_steps=2, eval_every_steps=2, layout="tp", grad_accum_steps=2,
              **{"distill.teacher": teacher_dir, "distill.chunk_size": 64})
   train.train_and_evaluate(cfg, str(tmp_path))
   with open(tmp_path / "metrics.jsonl") as f:
