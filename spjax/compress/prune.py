@@ -146,7 +146,7 @@ def n_m_mask(w, n: int, m: int, layers_axis=None):
 
 
 def check_params(abstract_params, schedule: Schedule) -> list[tuple]:
-  """The prunable paths (tuples); ValueError if an N:M group does not divide a matrix's first axis."""
+  """The prunable paths; ValueError if an N:M group does not divide a matrix's first axis."""
   out = []
   for path, var in _flat(abstract_params).items():
     if not prunable(_name(path), var, schedule.exclude):
@@ -183,12 +183,13 @@ def masked(tx: optax.GradientTransformation, schedule: Schedule) -> optax.Gradie
 
     t, new_masks, out = state.count, {}, _flat(updates)
     for path, mask in masks_flat.items():
-      p, u, var = params_flat[path][...], out[path][...], params_flat[path]
-      def recompute(w=p + u, m=mask[...], var=var):
+      p, u, axis = params_flat[path][...], out[path][...], _layers_axis(params_flat[path])
+      def recompute(w, m, axis=axis):  # w: the weights this update would give
         if schedule.n_m:
-          return n_m_mask(w, *schedule.n_m, _layers_axis(var)) & m
-        return magnitude_mask(w, m, schedule.sparsity_at(t), _layers_axis(var))
-      kept = jax.lax.cond(schedule.prunes_at(t), recompute, lambda m=mask[...]: m)
+          return n_m_mask(w, *schedule.n_m, axis) & m
+        return magnitude_mask(w, m, schedule.sparsity_at(t), axis)
+      # Sorting every matrix is costly: lax.cond runs it on pruning updates only.
+      kept = jax.lax.cond(schedule.prunes_at(t), recompute, lambda w, m: m, p + u, mask[...])
       new_masks[path] = mask.replace(kept)
       # p + (-p) is exactly +0.0, so a pruned weight is exactly zero after apply_updates.
       out[path] = out[path].replace(jnp.where(kept, u, -p))
