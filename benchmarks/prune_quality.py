@@ -1,9 +1,9 @@
 """What pruning costs in quality: eval loss of pruned vs dense training, same model, data and steps.
 
-  python benchmarks/prune_quality.py [--steps 300] [--json OUT]
+  python benchmarks/prune_quality.py [--steps 300] [--batch 16] [--json OUT]
 
-Trains the `tiny` model on the embedded corpus (one CPU device, batch 16 x 128, fp32) once dense and
-once per pruning setting: 50%, 75% and 90% unstructured magnitude pruning on the cubic schedule
+Trains the `tiny` model on the embedded corpus (one CPU device, batch 16 x 128 by default, fp32)
+once dense and once per pruning setting: 50%, 75% and 90% unstructured magnitude pruning on the cubic schedule
 (from 20% to 60% of the steps, masks every 10 steps) and 2:4 (pruned once at 20%). The remaining
 steps train the sparse model. Same seed, data order and steps for all; prints the final eval loss
 (16 held-out batches), its ratio to dense, and the sparsity measured on the saved matrices.
@@ -30,12 +30,12 @@ SETTINGS = {"dense": {}, "50%": {"prune.sparsity": 0.5}, "75%": {"prune.sparsity
             "90%": {"prune.sparsity": 0.9}, "2:4": {"prune.pattern": "2:4"}}
 
 
-def run(name: str, steps: int, workdir: str) -> dict:
+def run(name: str, steps: int, batch: int, workdir: str) -> dict:
   cfg = default.get_config("tiny")
   cfg.update_from_flattened_dict({
       "num_train_steps": steps, "eval_every_steps": steps, "eval_batches": 16,
       "checkpoint_every_steps": steps, "log_every_steps": 50, "layout": "dp",
-      "per_device_batch_size": 16, "model.dtype": "float32",
+      "per_device_batch_size": batch, "model.dtype": "float32",
       "prune.start_step": steps // 5, "prune.end_step": steps * 3 // 5, "prune.every_steps": 10,
       **SETTINGS[name]})
   final = loop.train_and_evaluate(cfg, workdir)
@@ -49,15 +49,16 @@ def run(name: str, steps: int, workdir: str) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--batch", type=int, default=16, help="sequences of 128 tokens per step")
   parser.add_argument("--json", default="")
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name in SETTINGS:
-      results[name] = run(name, args.steps, os.path.join(tmp, name.replace(":", "_")))
+      results[name] = run(name, args.steps, args.batch, os.path.join(tmp, name.replace(":", "_")))
   dense = results["dense"]["eval_loss"]
-  print(f"\ntiny model, {args.steps} steps, batch 16 x 128, embedded corpus")
+  print(f"\ntiny model, {args.steps} steps, batch {args.batch} x 128, embedded corpus")
   print(f"{'setting':<8} {'sparsity':>9} {'eval loss':>10} {'perplexity':>11} {'loss / dense':>13}")
   for name, r in results.items():
     r["loss_ratio"] = r["eval_loss"] / dense
