@@ -3,8 +3,8 @@
   python benchmarks/prune_quality.py [--steps 300] [--batch 16] [--json OUT]
 
 Trains the `tiny` model on the embedded corpus (one CPU device, batch 16 x 128 by default, fp32)
-once dense and once per pruning setting: 50%, 75% and 90% unstructured magnitude pruning on the cubic schedule
-(from 20% to 60% of the steps, masks every 10 steps) and 2:4 (pruned once at 20%). The remaining
+once dense and once per pruning setting: 50%, 75% and 90% unstructured magnitude pruning on the
+cubic schedule (from 20% to 60% of the steps, masks every 10 steps) and 2:4 (pruned once at 20%). The remaining
 steps train the sparse model. Same seed, data order and steps for all; prints the final eval loss
 (16 held-out batches), its ratio to dense, and the sparsity measured on the saved matrices.
 """
