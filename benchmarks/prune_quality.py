@@ -1,6 +1,7 @@
 """What pruning costs in quality: eval loss of pruned vs dense training, same model, data and steps.
 
-  python benchmarks/prune_quality.py [--steps 300] [--batch 16] [--json OUT]
+  python benchmarks/prune_quality.py [--steps 300] [--batch 16] [--settings dense,50%,...] \
+      [--json OUT]
 
 Trains the `tiny` model on the embedded corpus (one CPU device, batch 16 x 128 by default, fp32)
 once dense and once per pruning setting: 50%, 75% and 90% unstructured magnitude pruning on the
@@ -50,14 +51,19 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch", type=int, default=16, help="sequences of 128 tokens per step")
+  parser.add_argument("--settings", default=",".join(SETTINGS),
+                      help=f"comma-separated subset of {', '.join(SETTINGS)} (runs are "
+                      "deterministic, so subsets run apart give the same numbers)")
   parser.add_argument("--json", default="")
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
-    for name in SETTINGS:
+    for name in args.settings.split(","):
+      if name not in SETTINGS:
+        parser.error(f"unknown setting {name!r}; valid: {', '.join(SETTINGS)}")
       results[name] = run(name, args.steps, args.batch, os.path.join(tmp, name.replace(":", "_")))
-  dense = results["dense"]["eval_loss"]
+  dense = results["dense"]["eval_loss"] if "dense" in results else float("nan")
   print(f"\ntiny model, {args.steps} steps, batch {args.batch} x 128, embedded corpus")
   print(f"{'setting':<8} {'sparsity':>9} {'eval loss':>10} {'perplexity':>11} {'loss / dense':>13}")
   for name, r in results.items():
