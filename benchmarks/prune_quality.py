@@ -57,11 +57,12 @@ def main():
   parser.add_argument("--json", default="")
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
+  unknown = set(args.settings.split(",")) - set(SETTINGS)
+  if unknown:
+    parser.error(f"unknown settings {sorted(unknown)}; valid: {', '.join(SETTINGS)}")
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.settings.split(","):
-      if name not in SETTINGS:
-        parser.error(f"unknown setting {name!r}; valid: {', '.join(SETTINGS)}")
       results[name] = run(name, args.steps, args.batch, os.path.join(tmp, name.replace(":", "_")))
   dense = results["dense"]["eval_loss"] if "dense" in results else float("nan")
   print(f"\ntiny model, {args.steps} steps, batch {args.batch} x 128, embedded corpus")
