@@ -6,6 +6,7 @@ parts of spjax rely on; unknown keys given on the command line are an error (the
 
 import ml_collections
 
+from spjax.compress import prune
 from spjax.model import model as model_lib
 
 
@@ -102,6 +103,30 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Exponential moving average of the params (float32, sharded like them, saved in the checkpoint
   # as state/ema_params, evaluated as eval/ema/loss); 0 = off. ema <- d * ema + (1 - d) * params.
   c.ema_decay = 0.0
+
+  # Magnitude pruning while training (spjax/compress/prune.py); off while sparsity is 0 and the
+  # pattern unstructured. Masks live in the optimizer state, so checkpoints and layouts keep them.
+  c.prune = ml_collections.ConfigDict()
+  c.prune.sparsity = 0.0            # final fraction of zeros per matrix (unstructured); 0 = off
+  c.prune.pattern = "unstructured"  # "unstructured" (by magnitude) or "N:M" such as "2:4" (sets
+                                    # the sparsity to 1 - N/M; leave prune.sparsity at 0)
+  c.prune.start_step = 0            # first update that prunes (N:M prunes only here)
+  c.prune.end_step = 0              # the cubic schedule (Zhu & Gupta) reaches prune.sparsity here;
+                                    # 0 = start_step (prune all at once)
+  c.prune.every_steps = 10          # masks recomputed every this many updates in [start, end]
+  c.prune.exclude = prune.DEFAULT_EXCLUDE  # "embed|norm|bias": regex on the param paths never
+                                    # pruned (embeddings, norms, biases); 1-D params never are
+
+  # Knowledge distillation (spjax/tune/distill.py): alpha * T^2 * KL(teacher_T || student_T) +
+  # (1 - alpha) * CE, masked like the CE; train/kl and train/ce are logged.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ""            # spjax workdir (newest checkpoint) or Hugging Face model dir of
+                                    # the same vocabulary; frozen, run in the train step; "" = off
+  c.distill.temperature = 1.0       # T: both distributions are softmax(logits / T)
+  c.distill.alpha = 0.5             # weight of the KL term; 1 - alpha weighs the cross-entropy
+  c.distill.top_k = 0               # teacher's k most likely tokens, renormalised; 0 = all of them
+  c.distill.chunk_size = 512        # sequence positions whose logits exist at once (both models);
+                                    # must divide seq_len if smaller; 0 = the whole sequence
 
   c.peak_tflops_per_device = 0.0    # for train/mfu; 0 = look up the device kind (measured on CPU)
   return c

@@ -88,7 +88,7 @@ def test_ema_matches_a_hand_computed_average_over_a_few_steps():
     for _ in range(3):
       tokens = rng.integers(0, 1024, (prog.global_batch, config.seq_len + 1)).astype(np.int32)
       batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-               "segment_ids": np.ones_like(tokens[:, 1:]),
+               "segment_ids": np.ones_like(tokens[:, 1:]), "loss_mask": np.ones_like(tokens[:, 1:]),
                "positions": np.broadcast_to(np.arange(config.seq_len), tokens[:, 1:].shape)}
       state, _ = step(state, {k: jax.device_put(v, prog.batch_sharding) for k, v in batch.items()})
       expected = 0.7 * expected + 0.3 * flat(state["params"])

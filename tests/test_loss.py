@@ -26,7 +26,10 @@ def batch(prog):
   segments[:, t - 20:] = 0  # padding at the end of each row: masked out of the sums
   segments[0, 40:] = 2  # a second document in row 0
   tokens = rng.integers(0, prog.model_cfg.vocab_size, (b, t), dtype=np.int32)
+  loss_mask = (segments > 0).astype(np.int32)
+  loss_mask[1, :30] = 0  # a prompt: in the row, not trained (SFT's mask, not padding's)
   return {"inputs": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": segments,
+          "loss_mask": loss_mask,
           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
 
 

@@ -1,10 +1,12 @@
 """List a run's checkpoints and what one of them holds, without loading any array.
 
-  python tools/inspect_checkpoint.py WORKDIR [--step N] [--filter params/]
+  python tools/inspect_checkpoint.py WORKDIR [--step N] [--filter params/] [--sparsity]
 
 Prints the complete steps (and any half-written temporary directories a crash left), then for one
 step (default: the newest) every array's path, shape, dtype, how it was sharded when saved (mesh axes
 per dimension) and its bytes, with totals for params, optimizer state and the whole checkpoint.
+`--sparsity` also reads the params and prints the fraction of exact zeros of every matrix (each layer
+of a scanned stack; the ones config.prune may prune), e.g. to check a pruned run.
 """
 
 import glob
@@ -14,13 +16,17 @@ import sys
 
 from absl import app, flags, logging
 import jax
+from flax import nnx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spjax.compress import prune  # noqa: E402
+from spjax.convert import workdir as workdir_lib  # noqa: E402
 from spjax.train import checkpoint  # noqa: E402
 
 _STEP = flags.DEFINE_integer("step", None, "Step to describe; default the newest complete one.")
 _FILTER = flags.DEFINE_string("filter", "", "Only arrays whose path starts with this.")
+_SPARSITY = flags.DEFINE_bool("sparsity", False, "Also read the params: zeros per matrix.")
 
 
 def describe(workdir: str, step: int | None = None, prefix: str = "") -> str:
@@ -63,12 +69,26 @@ def describe(workdir: str, step: int | None = None, prefix: str = "") -> str:
   return "\n".join(lines)
 
 
+def sparsity(workdir: str, step: int | None = None) -> str:
+  """Fraction of exact zeros per prunable matrix (config.prune.exclude of the run) at `step`."""
+  model, config = workdir_lib.load(workdir, step)
+  exclude = config.prune.exclude if "prune" in config else prune.DEFAULT_EXCLUDE
+  rows = prune.sparsity_report(nnx.state(model, nnx.Param), exclude)
+  width = max(len(name) for name, *_ in rows)
+  total = sum(f * n for _, f, n in rows) / sum(n for _, _, n in rows)
+  return "\n".join([f"sparsity per matrix (exact zeros; excluded: {exclude!r})"] +
+                   [f"  {name:<{width}}  {f:7.2%}" for name, f, _ in rows] +
+                   [f"  all matrices: {total:.2%}"])
+
+
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("usage: inspect_checkpoint.py WORKDIR [--step N] [--filter PREFIX]")
   logging.set_verbosity(logging.WARNING)  # Orbax narrates every file it opens at INFO
   try:
     print(describe(argv[1], _STEP.value, _FILTER.value))
+    if _SPARSITY.value:
+      print(sparsity(argv[1], _STEP.value))
   except (ValueError, FileNotFoundError) as e:
     print(f"inspect_checkpoint: {e}", file=sys.stderr)
     sys.exit(2)

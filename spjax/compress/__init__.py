@@ -1,2 +1,2 @@
-"""Cheaper models from trained ones: weight quantization (`quantize`) and model fusion (`merge`).
-Every function works on sharded params under the active layout and writes ordinary workdirs."""
+"""Cheaper models from trained ones: weight quantization (`quantize`), pruning (`prune`) and model
+fusion (`merge`). Uses model and parallel on sharded params; train and tools call it."""

@@ -134,6 +134,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           "train/skipped_steps": skipped,
           "train/tokens": step * prog.global_batch * config.seq_len,  # seen so far (plot x-axis)
       }
+      for name in sorted(window[-1].keys() - {"loss", "grad_norm", "learning_rate", "tokens"}):
+        # the objective's own terms (distillation: kl, ce)
+        out[f"train/{name}"] = float(np.mean([m[name] for m in finite])) if finite else float("nan")
       writer.write(step, out)
       writer.progress(step, out["train/loss"], tokens_per_sec)
       return out

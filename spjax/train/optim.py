@@ -7,10 +7,12 @@ import ml_collections
 import optax
 from flax import nnx
 
+from spjax.compress import prune
+
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
 
 
-def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_train_steps: int):
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_train_steps: int, prune_cfg=None):
   """Returns `(tx, schedule)`; `schedule(step)` is the learning rate the update at `step` uses.
 
   The state of `tx` is an `optax.ApplyIfFiniteState`: non-finite gradients skip the update.
@@ -18,6 +20,7 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_train_steps: int):
   Learning rate: linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
   `end_lr_ratio * learning_rate` over `decay_steps` (0 = the rest of `num_train_steps`).
   Gradients are clipped to `grad_clip_norm` (global norm; 0 = off) before anything else sees them.
+  With `prune_cfg` (config.prune) enabled, the updates keep pruned weights at zero (prune.masked).
   Weight decay is decoupled (`param -= lr_t * weight_decay * param`, as in AdamW) and applies only
   to matrices (see `decay_mask`); "adam" is "adamw" without it. `b1`, `b2`, `eps` are Adam's,
   `momentum` is SGD's; adafactor keeps optax's defaults for its own moment estimates.
@@ -52,6 +55,9 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_train_steps: int):
 
   if opt_cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
+  pruning = prune.Schedule.from_config(prune_cfg) if prune_cfg is not None else None
+  if pruning is not None and pruning.enabled:
+    tx = prune.masked(tx, pruning)  # inside apply_if_finite: a skipped step prunes nothing
   # A step whose gradients hold a NaN or Inf leaves params and moments untouched (and is counted in
   # `total_notfinite`); the train loop decides whether to carry on or stop (config.nan_policy).
   tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)

@@ -23,6 +23,7 @@ from spjax.model import model as model_lib
 from spjax.parallel import layouts, sharding
 from spjax.train import optim
 from spjax.train import step as step_lib
+from spjax.tune import distill
 
 
 def check_config(config) -> model_lib.ModelConfig:
@@ -65,6 +66,7 @@ class Program:
   schedule: optax.Schedule
   state_shardings: dict  # {"step", "params", "opt_state"} -> NamedSharding trees
   batch_sharding: NamedSharding
+  teacher: distill.Teacher | None = None  # config.distill.teacher, run inside the train step
 
   @property
   def global_batch(self) -> int:
@@ -134,9 +136,15 @@ class Program:
     fn = functools.partial(step_lib.train_step, graphdef=self.graphdef, tx=self.tx,
                            schedule=self.schedule, seed=c.seed,
                            grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss,
-                           loss_chunk=c.loss_chunk_size, ema_decay=c.ema_decay)
-    return jax.jit(self._under_layout(fn), in_shardings=(self.state_shardings, self.batch_sharding),
-                   out_shardings=(self.state_shardings, None), donate_argnums=0)
+                           loss_chunk=c.loss_chunk_size, ema_decay=c.ema_decay,
+                           objective=self.teacher and self.teacher.objective())
+    frozen = () if self.teacher is None else (self.teacher.shardings,)
+    jitted = jax.jit(self._under_layout(fn),
+                     in_shardings=(self.state_shardings, self.batch_sharding, *frozen),
+                     out_shardings=(self.state_shardings, None), donate_argnums=0)
+    if self.teacher is None:
+      return jitted
+    return distill.BoundStep(jitted, self.teacher, self.mesh, self.layout)  # called as (state, batch)
 
   def jit_eval_step(self, param_shardings=None):
     """(params, batch) -> summed loss and tokens; params sharded as `param_shardings` (default the
@@ -166,11 +174,12 @@ def build(config, devices=None) -> Program:
   for name, (shape, names) in model_lib.activation_shapes(model_cfg, micro_batch,
                                                           config.seq_len).items():
     sharding.validate_tensor(layout, mesh, name, shape, names)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps, config.prune)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
                  _state_shardings(abstract_params, param_shardings, tx, mesh, layout,
                                   config.ema_decay > 0),
-                 NamedSharding(mesh, layout.spec(("batch", "length"))))
+                 NamedSharding(mesh, layout.spec(("batch", "length"))),
+                 distill.build_teacher(config, model_cfg, layout, mesh))
 
 
 def _state_shardings(abstract_params, param_shardings, tx, mesh, layout, ema: bool):

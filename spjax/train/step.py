@@ -6,6 +6,8 @@ dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 
 `loss_mask` [B, T] (int or float): the weight of each target, 0 = not trained (padding, prompts).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -50,26 +52,31 @@ def _microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
-def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_steps: int,
-               z_loss: float, loss_chunk: int = 0, ema_decay: float = 0.0):
+def train_step(state, batch, frozen=None, *, graphdef, tx, schedule, seed: int,
+               grad_accum_steps: int, z_loss: float, loss_chunk: int = 0, ema_decay: float = 0.0,
+               objective=None):
+  """One optimizer step. `objective` (e.g. distillation's) replaces `loss_sums`: it takes the same
+  arguments plus `frozen` (arrays it reads but does not train: a teacher's params) and returns
+  (objective * scale, (nll sum, {name: sum})); each sum is logged per token as metrics[name]."""
   params, step = state["params"], state["step"]
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
-  grad_fn = jax.grad(loss_sums, has_aux=True)
+  loss_fn = (functools.partial(loss_sums, loss_chunk=loss_chunk) if objective is None
+             else functools.partial(objective, teacher_params=frozen))
+  grad_fn = jax.grad(loss_fn, has_aux=True)
 
   # Trained targets of the whole global batch (every microbatch), so microbatch gradients add up.
   tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
   if grad_accum_steps == 1:
-    grads, (nll_sum, _) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens, loss_chunk)
+    grads, (nll_sum, sums) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
   else:
-    def accumulate(carry, xs):
+    def accumulate(acc_g, xs):
       i, micro = xs
-      g, (nll, _) = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss,
-                            1.0 / tokens, loss_chunk)
-      acc_g, acc_nll = carry
-      return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll), None
+      g, aux = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss, 1.0 / tokens)
+      return jax.tree.map(jnp.add, acc_g, g), aux
     zeros = jax.tree.map(jnp.zeros_like, params)
     xs = (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))
-    (grads, nll_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0), xs)
+    grads, auxs = jax.lax.scan(accumulate, zeros, xs)
+    nll_sum, sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), auxs)  # over microbatches
 
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
@@ -80,6 +87,8 @@ def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_st
         1.0 - ema_decay)
   metrics = {"loss": nll_sum / tokens, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(step), "tokens": tokens}
+  if objective is not None:
+    metrics |= {name: value / tokens for name, value in sums.items()}
   return new_state, metrics
 
 
