@@ -172,7 +172,11 @@ def run(layer, blocks, x, extras, keys, *, remat: bool, policy=None):
     return a.reshape(b, *a.shape[4:])
 
   def stage(w, x, extras, key, rep, micro):  # one stage, one microbatch: x [mb, T, D]
-    w = jax.tree.map(lambda a: a[rep], w)  # [lps, ...]: this repeat's layers
+    # [lps, ...]: this repeat's layers. A select, not an index: the gather an index becomes (its
+    # stage differs per stage) has a scatter for gradient, which the partitioner all-reduced over
+    # every device on every iteration.
+    w = jax.tree.map(lambda a: sum(jnp.where(rep == i, a[i], 0) for i in range(r)) if r > 1
+                     else a[0], w)
     key = None if key is None else jax.vmap(jax.random.fold_in, (0, None))(key[rep], micro)
     def one(x, wk):
       return layer(nnx.merge(graphdef, wk[0]), x, *extras, wk[1]), None
