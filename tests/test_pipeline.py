@@ -1,5 +1,8 @@
 """Pipeline parallelism: the pipelined stack is the sequential stack; pp layouts train as dp does."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,3 +169,17 @@ def test_a_run_saved_under_fsdp_pp_resumes_under_fsdp_and_back(tmp_path, capsys)
   assert sorted(resumed) == list(range(1, 7))
   np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
                              [straight[s] for s in range(1, 7)], rtol=1e-5)
+
+
+def test_layout_report_shows_stages_and_the_shifts_between_them():
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "tools"))
+  import layout_report  # noqa: E402  (tools/ is a folder of scripts)
+  prog = program.build(tiny(layout="pp", **{"model.num_layers": 4, "pipeline.repeats": 2}))
+  r = layout_report.report(prog)
+  # Activations move stage to stage every iteration, forward and backward.
+  assert r["collectives"].count["collective-permute"] >= 2 * prog.pipeline.iterations
+  text = layout_report.format_one(prog, r)
+  assert "pipeline: 2 stages x 2 repeats, 1 layers per stage, 2 microbatches" in text
+  assert "stage 0: layers [0, 2]" in text and "stage 1: layers [1, 3]" in text
+  assert "(layers, embed, heads, head_dim)" in text and "(stage, None, None, None)" in text
