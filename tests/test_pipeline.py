@@ -1,5 +1,6 @@
 """Pipeline parallelism: the pipelined stack is the sequential stack; pp layouts train as dp does."""
 
+import dataclasses
 import os
 import sys
 
@@ -37,10 +38,11 @@ def packed_batch(rows: int, seq_len: int, vocab: int):
           "positions": positions}
 
 
-@pytest.mark.parametrize("repeats,microbatches", [(1, 8), (2, 4)])
-def test_pipelined_stack_equals_the_sequential_stack(repeats, microbatches):
+@pytest.mark.parametrize("repeats,microbatches,remat", [(1, 8, "none"), (2, 4, "full")])
+def test_pipelined_stack_equals_the_sequential_stack(repeats, microbatches, remat):
   cfg = tiny(layout="pp", **{"model.num_layers": 8, "model.dtype": "float32", "mesh.ici.stage": 4,
-                             "pipeline.repeats": repeats, "pipeline.microbatches": microbatches})
+                             "pipeline.repeats": repeats, "pipeline.microbatches": microbatches,
+                             "model.remat_policy": remat})
   prog = program.build(cfg)
   assert prog.pipeline.layers_per_stage == 8 // (4 * repeats)
   params = nnx.state(model_lib.Transformer(prog.model_cfg, nnx.Rngs(0)), nnx.Param)
@@ -65,6 +67,26 @@ def test_pipelined_stack_equals_the_sequential_stack(repeats, microbatches):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max()),
                pipelined[1], sequential[1])
   assert "collective-permute" in text  # the shift between stages
+
+
+def test_pipeline_without_a_mesh_and_its_dropout():
+  """The transform alone, on one device: equal to the scan in eval; with dropout every layer and
+  microbatch draws its own mask from the step's key, so a key gives one answer."""
+  cfg = dataclasses.replace(model_lib.ModelConfig.from_config(tiny().model), dtype="float32")
+  sched = pipeline.Schedule(stages=2, microbatches=4, repeats=1, layers_per_stage=1, batch_split=1,
+                            inner_rules=())
+  batch = packed_batch(8, 16, 1024)
+  def forward(cfg, key):
+    model = model_lib.Transformer(cfg, nnx.Rngs(0))
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=key)
+  def pipelined(cfg, key):
+    with pipeline.scope(sched):
+      return jax.jit(forward, static_argnums=0)(cfg, key)
+  np.testing.assert_allclose(pipelined(cfg, None), forward(cfg, None), rtol=1e-5, atol=1e-5)
+  dropped = dataclasses.replace(cfg, dropout_rate=0.2)
+  a, b = pipelined(dropped, jax.random.key(1)), pipelined(dropped, jax.random.key(2))
+  np.testing.assert_array_equal(a, pipelined(dropped, jax.random.key(1)))
+  assert not np.allclose(a, b) and not np.allclose(a, pipelined(cfg, None))
 
 
 @pytest.fixture(scope="module")
