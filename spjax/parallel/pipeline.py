@@ -20,6 +20,11 @@ batch is cut into microbatches without moving a row: inputs wait on their own st
 move one stage per iteration towards stage 0 (a conveyor, again a roll), and outputs travel the
 same way back. Inside the stack the rules lose `stage` (`Schedule.inner_rules`): there it is the
 stage dimension, and a microbatch's rows split over the batch's other axes only.
+
+Costs seen in the compiled step (tools/layout_report.py): with repeats > 1 a stage's layers are
+strided in the canonical stack, so every step regroups the stack (the partitioner gathers it);
+with `data` > 1 the partitioner all-reduces each stage's weight gradients on every iteration
+rather than once per step.
 """
 
 import contextlib
