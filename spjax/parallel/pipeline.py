@@ -177,9 +177,8 @@ def run(layer, blocks, x, extras, keys, *, remat: bool, policy=None):
     return a.reshape(b, *a.shape[4:])
 
   def stage(w, x, extras, key, rep, micro):  # one stage, one microbatch: x [mb, T, D]
-    # [lps, ...]: this repeat's layers. A select, not an index: the gather an index becomes (its
-    # stage differs per stage) has a scatter for gradient, which the partitioner all-reduced over
-    # every device on every iteration.
+    # [lps, ...]: this repeat's layers, picked by a select over the R slices (elementwise, so it
+    # stays on each stage's own shard; the repeat differs from stage to stage).
     w = jax.tree.map(lambda a: sum(jnp.where(rep == i, a[i], 0) for i in range(r)) if r > 1
                      else a[0], w)
     key = None if key is None else jax.vmap(jax.random.fold_in, (0, None))(key[rep], micro)
