@@ -51,6 +51,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # [B, T, V] float32 logits; costs a second vocabulary matmul forward. 0 = all at once.
   c.loss_chunk_size = 0
 
+  # Pipeline parallelism, used when the layout maps `layers` to the `stage` mesh axis (pp, fsdp_pp).
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.microbatches = 0       # microbatches per step through the stages, a multiple of the
+                                    # stage count; 0 = one per stage. Bubble (S-1)/(M*R + S-1)
+  c.pipeline.repeats = 1            # circular repeats R: each stage holds R slices of
+                                    # num_layers / (stages * R) layers and each microbatch passes R times
+
   c.data = ml_collections.ConfigDict()
   # "embedded" (Python's own docs, shipped with every install), "slimpajama:DIR" (the published
   # layout, prepared once into cache_dir), "tfds:NAME" (prepared in array_record) or "files:GLOB"

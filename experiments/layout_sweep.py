@@ -3,6 +3,9 @@
   python experiments/layout_sweep.py --config=configs/default.py:1b --topology=v5e:4x4 \
       --config.per_device_batch_size=8 [--rules=my_rules.json,...] [--remat=full,save_dots]
 
+Every preset includes the pipeline ones (pp, fsdp_pp: their stages, microbatches and repeats from
+--config.mesh.ici.stage and --config.pipeline.*, which the other layouts ignore).
+
 Runs tools/aot_tpu.py once per (layout, remat policy), each in its own process (libtpu state and
 compile memory go away with it), and writes under --out_dir:
   <name>.json  every result as the AOT tool reports it

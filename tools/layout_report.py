@@ -11,6 +11,7 @@ simulated CPU devices, so remat and scan choices (`--config.model.remat_policy`,
 speed use tools/aot_tpu.py.
 """
 
+import math
 import os
 import sys
 
@@ -43,6 +44,20 @@ def header(prog) -> str:
           f"/device x {c.seq_len} | {m.num_params() / 1e6:,.1f}M params")
 
 
+def pipeline_lines(prog, rows) -> list[str]:
+  """Under a pipeline layout: the schedule and, per stage, the canonical layers it holds and its
+  share of the layer stack's parameters."""
+  sched = prog.pipeline
+  if sched is None:
+    return []
+  stack = [row for row in rows if row.name.startswith("blocks/")]
+  params = sum(math.prod(row.shape) for row in stack) // sched.stages
+  per_device = hlo.fmt_bytes(sum(row.bytes_per_device for row in stack))
+  return [sched.describe()] + [
+      f"  stage {s}: layers {sched.stage_layers(s)}, {params:,} stack params "
+      f"({per_device} per device)" for s in range(sched.stages)] + [""]
+
+
 def _spec(spec) -> str:
   return "(" + ", ".join("+".join(e) if isinstance(e, tuple) else str(e) for e in spec) + ")"
 
@@ -50,7 +65,7 @@ def _spec(spec) -> str:
 def format_one(prog, r) -> str:
   fmt_bytes = hlo.fmt_bytes
   w = max(len(row.name) for row in r["rows"])
-  lines = [header(prog), "",
+  lines = [header(prog), "", *pipeline_lines(prog, r["rows"]),
            f"{'parameter':<{w}}  {'shape':<22} {'logical axes':<36} {'PartitionSpec':<28} "
            "per device"]
   for row in r["rows"]:
@@ -83,6 +98,7 @@ def format_compare(progs, reports) -> str:
   w = max(len(row.name) for row in a["rows"])
   names = [p.layout.source for p in progs]
   lines = [f"A: {header(progs[0])}", f"B: {header(progs[1])}", "",
+           *(line for p, r in zip(progs, reports) for line in pipeline_lines(p, r["rows"])),
            f"{'parameter':<{w}}  {'A: ' + names[0]:<28} {'per device':>10}   "
            f"{'B: ' + names[1]:<28} {'per device':>10}"]
   for ra, rb in zip(a["rows"], b["rows"]):

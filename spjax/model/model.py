@@ -21,6 +21,7 @@ from flax import nnx
 from spjax.model import attention as attention_lib
 from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
 from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, param
+from spjax.parallel import pipeline
 from spjax.parallel.sharding import constrain
 
 
@@ -133,6 +134,13 @@ class Transformer(nnx.Module):
       layer = nnx.remat(layer, policy=policy)
 
     keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+    if cfg.scan_layers and cached is None and pipeline.current() is not None:
+      # The layout maps layers to stage: the same stack runs as a pipeline over the stage axis.
+      def stage_layer(block, x, positions, segment_ids, key):
+        return block(x, positions, segment_ids, key)[0]
+      x = pipeline.run(stage_layer, self.blocks, x, (positions, segment_ids), keys,
+                       remat=cfg.remat_policy != "none", policy=policy)
+      return self.final_norm(x), None
     if cfg.scan_layers:
       # Scanning needs the caches stacked along a leading L axis: a copy each call, so decoding
       # loops use `unrolled(model)` instead.

@@ -3,7 +3,7 @@
 Each preset is a full rules table (unlisted logical axes are replicated) plus the mesh sizes it was
 designed for; `--config.mesh.ici.<axis>` and `--config.mesh.dcn.<axis>` override those sizes. The
 batch always splits over both `data` and `fsdp`: FSDP is data parallelism whose parameters are
-sharded too.
+sharded too (and, in the pipeline presets, over `stage`).
 """
 
 from spjax.parallel.sharding import Layout
@@ -44,6 +44,15 @@ PRESETS = {
     # by every activation).
     "fsdp_tp_rs": Layout.from_rules(_BATCH | _FSDP | _TENSOR | {"act_embed": "tensor"},
                                     "fsdp_tp_rs", mesh={"fsdp": -1, "tensor": 2}),
+    # Pipeline parallelism: the layer stack splits into stages over `stage` (spjax/parallel/
+    # pipeline.py) and activations pass stage to stage; outside the stack `stage` is one more batch
+    # axis (first, so each stage device's rows are whole microbatches). Over slices:
+    # --config.mesh.dcn.stage=N --config.mesh.ici.stage=1 puts the stages across DCN.
+    "pp": Layout.from_rules({"batch": ("stage", "data", "fsdp"), "layers": "stage"}, "pp",
+                            mesh={"data": -1, "stage": 2}),
+    # Pipeline stages, each FSDP over its own devices.
+    "fsdp_pp": Layout.from_rules(_FSDP | {"batch": ("stage", "data", "fsdp"), "layers": "stage"},
+                                 "fsdp_pp", mesh={"fsdp": -1, "stage": 2}),
 }
 
 

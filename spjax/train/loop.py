@@ -55,6 +55,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"spjax: {model_cfg.num_params() / 1e6:.1f}M params, mesh "
           f"{ {a: s for a, s in mesh.shape.items() if s > 1} }, layout {prog.layout.source}\n"
           f"{prog.layout.describe()}", flush=True)
+    if prog.pipeline:
+      print(f"spjax: {prog.pipeline.describe()}", flush=True)
 
   os.makedirs(workdir, exist_ok=True)
   if primary:

@@ -20,7 +20,7 @@ from spjax.convert import hf
 from spjax.convert import workdir
 from spjax.model import attention
 from spjax.model import model as model_lib
-from spjax.parallel import layouts, sharding
+from spjax.parallel import layouts, pipeline, sharding
 from spjax.train import optim
 from spjax.train import step as step_lib
 from spjax.tune import distill
@@ -73,6 +73,11 @@ class Program:
     """Sequences per optimizer step (all microbatches, all processes)."""
     return self.config.per_device_batch_size * self.mesh.size * self.config.grad_accum_steps
 
+  @property
+  def pipeline(self) -> pipeline.Schedule | None:
+    """The pipeline schedule when the layout maps layers to stage (spjax/parallel/pipeline.py)."""
+    return pipeline.schedule(self.config, self.model_cfg, self.layout, self.mesh)
+
   @contextlib.contextmanager
   def activate(self):
     """The mesh and logical rules, for eager work and tools; the jitted steps below carry their own."""
@@ -88,7 +93,7 @@ class Program:
     @functools.wraps(fn)
     def traced(*args, **kwargs):
       with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), \
-          nnx.logical_axis_rules(self.layout.flax_rules()):
+          nnx.logical_axis_rules(self.layout.flax_rules()), pipeline.scope(self.pipeline):
         return fn(*args, **kwargs)
     return traced
 
@@ -164,6 +169,7 @@ def build(config, devices=None) -> Program:
     hf.check_matches(config.init_from, model_cfg)
   layout = layouts.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)
+  pipeline.schedule(config, model_cfg, layout, mesh)  # its errors name the field, before placement
   # Resolved before the model is built: the graphdef carries the attention the steps will trace.
   model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
       model_cfg, config.seq_len, layout, mesh))
