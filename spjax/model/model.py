@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
-from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, param
+from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, neftune, param
 from spjax.parallel.sharding import constrain
 
 
@@ -66,17 +66,19 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, 0.02)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
+  def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None,
+               neftune_alpha: float = 0.0):
     """tokens [B, T] int -> logits [B, T, V] float32.
 
     positions/segment_ids [B, T] come from packing (segment 0 is padding); by default one document
-    per row. `dropout_key=None` means eval (no dropout).
+    per row. `dropout_key=None` means eval (no dropout, no NEFTune noise); `neftune_alpha` > 0
+    adds NEFTune noise to the input embeddings in training (`layers.neftune`).
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    x, _ = self._run(tokens, positions, segment_ids, dropout_key, None)
+    x, _ = self._run(tokens, positions, segment_ids, dropout_key, None, neftune_alpha)
     return self._logits(x, ("batch", "length", "act_vocab"))
 
   def extend(self, tokens, positions, segment_ids, cache: KVCache):
@@ -96,10 +98,13 @@ class Transformer(nnx.Module):
     table = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]  # [D, V]
     return constrain(x @ table.astype(self.cfg.dtype), names).astype(jnp.float32)
 
-  def _run(self, tokens, positions, segment_ids, dropout_key, cached):
+  def _run(self, tokens, positions, segment_ids, dropout_key, cached, neftune_alpha=0.0):
     """-> (final hidden states [B, T, D], with `cached` the per-layer caches (k, v) updated)."""
     cfg = self.cfg
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)  # [B, T, D]
+    x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D] in param dtype
+    if dropout_key is not None and neftune_alpha:  # its own key; the layers' keys as without it
+      x = neftune(x, neftune_alpha, jax.random.fold_in(dropout_key, cfg.num_layers))
+    x = x.astype(cfg.dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
 
     policy = REMAT_POLICIES[cfg.remat_policy]
@@ -144,6 +149,11 @@ def unrolled(model: Transformer) -> Transformer:
   cfg = dataclasses.replace(model.cfg, scan_layers=False)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   stacked = dict(nnx.to_flat_state(nnx.state(model)))
+  known = {p for p, _ in nnx.to_flat_state(abstract)}
+  extra = [p for p in stacked if p[0] == "blocks" and ("blocks", 0) + p[1:] not in known]
+  if extra:  # would be dropped silently
+    raise ValueError(f"unrolled: {'/'.join(map(str, extra[0]))} is not a Transformer parameter; "
+                     "merge LoRA adapters into the kernels first (spjax.tune.lora.merge)")
   flat = []
   for path, var in nnx.to_flat_state(abstract):
     if path[0] == "blocks":  # ("blocks", i, ...) is layer i of ("blocks", ...)

@@ -8,6 +8,7 @@ training, so what they measure is what trains.
 import contextlib
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from spjax.model import model as model_lib
 from spjax.parallel import layouts, sharding
 from spjax.train import optim
 from spjax.train import step as step_lib
+from spjax.tune import lora
 
 
 def check_config(config) -> model_lib.ModelConfig:
@@ -42,7 +44,11 @@ def check_config(config) -> model_lib.ModelConfig:
   if config.peak_tflops_per_device < 0:
     raise ValueError(f"config.peak_tflops_per_device must be >= 0, got "
                      f"{config.peak_tflops_per_device}")
-  return model_lib.ModelConfig.from_config(config.model)
+  if config.neftune_alpha < 0:
+    raise ValueError(f"config.neftune_alpha must be >= 0 (0 = off), got {config.neftune_alpha}")
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  lora.validate(config.lora, model_cfg)
+  return model_cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +88,23 @@ class Program:
         return fn(*args, **kwargs)
     return traced
 
+  @property
+  def trainable(self):
+    """Filter of the params that get gradients and optimizer state: LoRA adapters, else all."""
+    return lora.ADAPTERS if self.config.lora.rank else nnx.Param
+
   def init_state(self, params=None):
-    """Step 0: `params` (default: freshly initialised from the seed) and new optimizer moments."""
+    """Step 0: `params` (default: freshly initialised from the seed) and new optimizer moments.
+
+    Under LoRA `params` are the base model's, and fresh adapters are added beside its kernels.
+    """
     if params is None:
       params = nnx.state(model_lib.Transformer(self.model_cfg, nnx.Rngs(self.config.seed)),
                          nnx.Param)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    if self.config.lora.rank:
+      params = lora.with_adapters(params, self.model_cfg, self.config.lora, self.config.seed)
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.tx.init(nnx.filter_state(params, self.trainable))}
 
   def jit_init(self):
     """Params born sharded: each device computes only its own shards."""
@@ -98,7 +115,8 @@ class Program:
     run_as = {f.name: getattr(self.model_cfg, f.name) for f in dataclasses.fields(self.model_cfg)
               if f.name not in hf.ARCHITECTURE_FIELDS}  # dtypes, scan, remat, attention
     model, _ = hf.from_pretrained(self.config.init_from, **run_as)
-    init = jax.jit(self._under_layout(self.init_state), in_shardings=(self.state_shardings["params"],),
+    base = nnx.filter_state(self.state_shardings["params"], lora.BASE)  # no adapters yet
+    init = jax.jit(self._under_layout(self.init_state), in_shardings=(base,),
                    out_shardings=self.state_shardings, donate_argnums=0)
     return init(nnx.state(model, nnx.Param))
 
@@ -116,13 +134,54 @@ class Program:
     c = self.config
     fn = functools.partial(step_lib.train_step, graphdef=self.graphdef, tx=self.tx,
                            schedule=self.schedule, seed=c.seed,
-                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss)
+                           grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss,
+                           trainable=self.trainable, neftune_alpha=c.neftune_alpha)
     return jax.jit(self._under_layout(fn), in_shardings=(self.state_shardings, self.batch_sharding),
                    out_shardings=(self.state_shardings, None), donate_argnums=0)
 
   def jit_eval_step(self):
     return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef)),
                    in_shardings=(self.state_shardings["params"], self.batch_sharding))
+
+  # ----------------------------------------------------------------------------------------------
+  # Checkpoints: a LoRA run saves its adapters (and their moments) only, with where its base came from
+  # ----------------------------------------------------------------------------------------------
+
+  def save(self, ckpt, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+    """`ckpt.save` (a train.checkpoint.Checkpointer) of what this run checkpoints."""
+    if not self.config.lora.rank:
+      return ckpt.save(step, state, data_iter, force=force)
+    return ckpt.save(step, self._without_base(state), data_iter, force=force,
+                     info={"lora_base": self._base_record()})
+
+  def restore(self, ckpt, step: int, data_iter=None):
+    """The state saved at `step`, in this run's shardings. A LoRA checkpoint's base weights are
+    rebuilt as at the start (from init_from, else the seed), once they are known to be the ones
+    its adapters were trained on."""
+    if not self.config.lora.rank:
+      return ckpt.restore(step, self.abstract_state(), data_iter)
+    recorded = (ckpt.info(step) or {}).get("lora_base")
+    if recorded is None:
+      raise ValueError(f"checkpoint step {step} is not a LoRA checkpoint (it has no base record); "
+                       "resume it with config.lora.rank=0")
+    mine = self._base_record()
+    if recorded["init_from"] != mine["init_from"] or (
+        not mine["init_from"] and recorded["seed"] != mine["seed"]):
+      was = recorded["init_from"] or f"config.seed={recorded['seed']}"
+      raise ValueError(f"checkpoint step {step} holds LoRA adapters trained on the base weights of "
+                       f"{was}, but this run's base is {mine['init_from'] or 'config.seed=%d' % mine['seed']}; "
+                       f"resume with the same config.init_from and config.seed")
+    saved = ckpt.restore(step, self._without_base(self.abstract_state()), data_iter)
+    fresh = self.pretrained_state() if self.config.init_from else self.jit_init()()
+    params = nnx.merge_state(nnx.filter_state(fresh["params"], lora.BASE), saved["params"])
+    return {**saved, "params": params}
+
+  def _without_base(self, state):
+    return {**state, "params": nnx.filter_state(state["params"], lora.ADAPTERS)}
+
+  def _base_record(self) -> dict:
+    init_from = self.config.init_from
+    return {"init_from": os.path.abspath(init_from) if init_from else "", "seed": self.config.seed}
 
 
 def build(config, devices=None) -> Program:
@@ -135,22 +194,26 @@ def build(config, devices=None) -> Program:
   # Resolved before the model is built: the graphdef carries the attention the steps will trace.
   model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
       model_cfg, config.seq_len, layout, mesh))
-  abstract_model = nnx.eval_shape(lambda: model_lib.Transformer(model_cfg, nnx.Rngs(config.seed)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  def make_model():  # the graph the steps run: with LoRA, adapters beside the targeted kernels
+    model = model_lib.Transformer(model_cfg, nnx.Rngs(config.seed))
+    return lora.attach(model, config.lora, config.seed) if config.lora.rank else model
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
   param_shardings = sharding.param_shardings(abstract_params, mesh, layout)
   micro_batch = config.per_device_batch_size * mesh.size
   for name, (shape, names) in model_lib.activation_shapes(model_cfg, micro_batch,
                                                           config.seq_len).items():
     sharding.validate_tensor(layout, mesh, name, shape, names)
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
+  trainable = lora.ADAPTERS if config.lora.rank else nnx.Param
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
-                 _state_shardings(abstract_params, param_shardings, tx, mesh, layout),
+                 _state_shardings(nnx.filter_state(abstract_params, trainable), param_shardings, tx,
+                                  mesh, layout),
                  NamedSharding(mesh, layout.spec(("batch", "length"))))
 
 
-def _state_shardings(abstract_params, param_shardings, tx, mesh, layout):
+def _state_shardings(trainable_params, param_shardings, tx, mesh, layout):
   """Optimizer moments follow their parameter (they carry its logical names); the rest replicates."""
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, trainable_params)
 
   def leaf_sharding(leaf):
     if not isinstance(leaf, nnx.Variable):

@@ -2,7 +2,11 @@
 
 `state` is {"step": int32 [], "params": nnx.State, "opt_state": optax state}; `batch` is the data
 pipeline's dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 = padding).
+Only the params the `trainable` filter picks (all, or LoRA adapters) get gradients and optimizer
+state; the rest pass through the step untouched.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +16,17 @@ from flax import nnx
 from spjax.parallel.sharding import constrain
 
 
-def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0):
+def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, *, frozen=None,
+              neftune_alpha: float = 0.0):
   """Summed token cross-entropy (+ z-loss) times `scale`, the unscaled sum, and the token count.
 
   With `scale` = 1 / (tokens in the whole batch), gradients of microbatches add up to the gradient of
-  the batch's mean loss, with no division pass over the gradients afterwards.
+  the batch's mean loss, with no division pass over the gradients afterwards. `frozen`: the params
+  not differentiated (a LoRA run's base weights).
   """
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params, *([] if frozen is None else [frozen]), copy=True)
   logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                 dropout_key=dropout_key)  # [B, T, V] float32
+                 dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, V] float32
   mask = (batch["segment_ids"] > 0).astype(jnp.float32)  # [B, T]
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
@@ -39,10 +45,12 @@ def _microbatches(batch, n: int):
 
 
 def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_steps: int,
-               z_loss: float):
-  params, step = state["params"], state["step"]
+               z_loss: float, trainable=nnx.Param, neftune_alpha: float = 0.0):
+  step = state["step"]
+  params, frozen = nnx.split_state(state["params"], trainable, ...)
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
-  grad_fn = jax.grad(loss_sums, has_aux=True)
+  grad_fn = functools.partial(jax.grad(loss_sums, has_aux=True), frozen=frozen,
+                              neftune_alpha=neftune_alpha)
 
   tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
   if grad_accum_steps == 1:
@@ -59,7 +67,8 @@ def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_st
     (grads, nll_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0), xs)
 
   updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
+  new_params = nnx.merge_state(optax.apply_updates(params, updates), frozen)
+  new_state = {"step": step + 1, "params": new_params,
                "opt_state": opt_state}
   metrics = {"loss": nll_sum / tokens, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(step), "tokens": tokens}
