@@ -130,7 +130,8 @@ def with_adapters(params: nnx.State, model_cfg, lora_cfg, seed: int) -> nnx.Stat
 def merge(model):
   """In place: each adapted kernel becomes W + A @ B * alpha / rank (summed in float32, stored in
   W's dtype and sharding) and its adapter is removed. Returns the model, now a plain Transformer."""
-  for _, module in list(nnx.iter_graph(model)):
+  modules = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)]
+  for module in modules:
     for attr, adapter in list(vars(module).items()):
       if isinstance(adapter, Adapter):
         kernel = getattr(module, attr.removesuffix("_lora"))
