@@ -34,7 +34,7 @@ def tiny(**overrides):
 
 
 def run_layout(layout, steps=10, **overrides):
-  """(losses, initial params, final state) of `steps` LoRA train steps on embedded-corpus batches."""
+  """(losses, initial params, final state) of `steps` LoRA train steps on embedded-corpus data."""
   cfg = tiny(layout=layout, **{"optimizer.warmup_steps": 2}, **overrides)
   prog = program.build(cfg)
   batches = iter(pipeline.make_dataset(cfg, "train", tokenizer.load(""),

@@ -67,7 +67,8 @@ def _base_record(checkpoints: str, step: int) -> dict:
 
 
 def _base_params(model_cfg: model_lib.ModelConfig, record: dict) -> nnx.State:
-  """The frozen weights a LoRA run trained on, in the active layout: init_from's, else the seed's."""
+  """The frozen weights a LoRA run trained on, in the active layout: init_from's, else the seed's.
+  """
   if record["init_from"]:
     run_as = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
               if f.name not in hf.ARCHITECTURE_FIELDS}

@@ -91,7 +91,7 @@ class Program:
   @property
   def trainable(self):
     """Filter of the params that get gradients and optimizer state: LoRA adapters, else all."""
-    return lora.ADAPTERS if self.config.lora.rank else nnx.Param
+    return _trainable(self.config)
 
   def init_state(self, params=None):
     """Step 0: `params` (default: freshly initialised from the seed) and new optimizer moments.
@@ -158,19 +158,22 @@ class Program:
     """The state saved at `step`, in this run's shardings. A LoRA checkpoint's base weights are
     rebuilt as at the start (from init_from, else the seed), once they are known to be the ones
     its adapters were trained on."""
-    if not self.config.lora.rank:
-      return ckpt.restore(step, self.abstract_state(), data_iter)
     recorded = (ckpt.info(step) or {}).get("lora_base")
+    if not self.config.lora.rank:
+      if recorded is not None:
+        raise ValueError(f"checkpoint step {step} holds LoRA adapters only; resume it with the "
+                         "config.lora.* it was trained with (in config.json)")
+      return ckpt.restore(step, self.abstract_state(), data_iter)
     if recorded is None:
       raise ValueError(f"checkpoint step {step} is not a LoRA checkpoint (it has no base record); "
                        "resume it with config.lora.rank=0")
-    mine = self._base_record()
-    if recorded["init_from"] != mine["init_from"] or (
-        not mine["init_from"] and recorded["seed"] != mine["seed"]):
-      was = recorded["init_from"] or f"config.seed={recorded['seed']}"
+    def describe(base):  # the seed decides the base only without init_from
+      return base["init_from"] or f"config.seed={base['seed']}"
+    if describe(recorded) != describe(self._base_record()):
       raise ValueError(f"checkpoint step {step} holds LoRA adapters trained on the base weights of "
-                       f"{was}, but this run's base is {mine['init_from'] or 'config.seed=%d' % mine['seed']}; "
-                       f"resume with the same config.init_from and config.seed")
+                       f"{describe(recorded)}, but this run's base is "
+                       f"{describe(self._base_record())}; resume with the same config.init_from "
+                       "(and config.seed)")
     saved = ckpt.restore(step, self._without_base(self.abstract_state()), data_iter)
     fresh = self.pretrained_state() if self.config.init_from else self.jit_init()()
     params = nnx.merge_state(nnx.filter_state(fresh["params"], lora.BASE), saved["params"])
@@ -204,11 +207,14 @@ def build(config, devices=None) -> Program:
                                                           config.seq_len).items():
     sharding.validate_tensor(layout, mesh, name, shape, names)
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps)
-  trainable = lora.ADAPTERS if config.lora.rank else nnx.Param
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
-                 _state_shardings(nnx.filter_state(abstract_params, trainable), param_shardings, tx,
-                                  mesh, layout),
+                 _state_shardings(nnx.filter_state(abstract_params, _trainable(config)),
+                                  param_shardings, tx, mesh, layout),
                  NamedSharding(mesh, layout.spec(("batch", "length"))))
+
+
+def _trainable(config):
+  return lora.ADAPTERS if config.lora.rank else nnx.Param
 
 
 def _state_shardings(trainable_params, param_shardings, tx, mesh, layout):

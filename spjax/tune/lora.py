@@ -42,8 +42,9 @@ class Adapter(nnx.Module):
     names = tuple(kernel.get_metadata()["out_sharding"])
     lead = 1 if names[0] == "layers" else 0  # scanned: one adapter per layer, stacked
     shape = tuple(kernel.shape)
-    stack, ins, outs = shape[:lead], shape[lead:lead + inputs], shape[lead + inputs:]
-    stack_names, in_names, out_names = names[:lead], names[lead:lead + inputs], names[lead + inputs:]
+    cut = lead + inputs
+    stack, ins, outs = shape[:lead], shape[lead:cut], shape[cut:]
+    stack_names, in_names, out_names = names[:lead], names[lead:cut], names[cut:]
     # he_uniform is nnx.LoRA's default for A; batch_axis keeps each layer's fan-in its own.
     init_a = nnx.initializers.he_uniform(batch_axis=tuple(range(lead)))
     self.lora_a = nnx.LoRAParam(init_a(key, stack + ins + (rank,), kernel.dtype),
