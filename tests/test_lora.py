@@ -137,6 +137,8 @@ def test_adapter_only_checkpoint_is_small_resumes_and_exports_merged(tmp_path):
   with pytest.raises(ValueError, match="trained on the base weights of .*/base, but this run's "
                                        "base is config.seed=0"):
     program.build(cfg_with(cfg, init_from="")).restore(ckpt, 4)
+  with pytest.raises(ValueError, match="holds LoRA adapters only; resume it with the config.lora"):
+    program.build(cfg_with(cfg, **{"lora.rank": 0})).restore(ckpt, 4)
   ckpt.close()
 
   # spjax-convert-hf writes the merged model; its logits are the adapted model's.
