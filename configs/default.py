@@ -134,6 +134,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.distill.top_k = 0               # teacher's k most likely tokens, renormalised; 0 = all of them
   c.distill.chunk_size = 512        # sequence positions whose logits exist at once (both models);
                                     # must divide seq_len if smaller; 0 = the whole sequence
+  # LoRA (spjax/tune/lora.py): only low-rank adapters beside the targeted kernels train; the base
+  # weights (init_from's, else the seed's) stay as they are. Checkpoints hold the adapters only;
+  # spjax-generate and spjax-convert-hf merge them into the kernels (W + A @ B * alpha / rank).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0                   # r of adapters A [in, r], B [r, out]; 0 = off (all weights train)
+  c.lora.alpha = 16.0               # adapters' output is scaled by alpha / rank
+  c.lora.dropout = 0.0              # dropout on each adapter's input in training steps
+  # Regexes (re.search) over kernel paths: blocks/attn/{q,k,v,o}, blocks/mlp/{gate,up,down}
+  # (blocks/<i>/... when model.scan_layers=False); each must match at least one kernel.
+  c.lora.targets = ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
+  # NEFTune (Jain et al. 2023): noise uniform in +-alpha / sqrt(seq_len * d_model) added to the
+  # input embeddings in training steps only, for fine-tuning; 0 = off (the paper uses 5 to 15).
+  c.neftune_alpha = 0.0
 
   c.peak_tflops_per_device = 0.0    # for train/mfu; 0 = look up the device kind (measured on CPU)
   return c

@@ -2,9 +2,13 @@
 
 Only the params are read (not the optimizer moments, twice their size), each array straight into the
 active layout's sharding: the raw params, or the moving average (`ema=True`, config.ema_decay). A
-quantized workdir (tools/quantize.py; its config.json says how) restores its integers and scales.
+quantized workdir (tools/quantize.py; its config.json says how) restores its integers and scales. A
+LoRA run's checkpoints hold only its adapters: its base weights are rebuilt from where the
+checkpoint says they came from (init_from, else the seed) and the adapters merged into them, so
+callers always get a plain Transformer.
 """
 
+import dataclasses
 import json
 import os
 
@@ -16,7 +20,9 @@ from flax import nnx
 
 from spjax import convert
 from spjax.compress import quantize
+from spjax.convert import hf
 from spjax.model import model as model_lib
+from spjax.tune import lora
 
 
 def read_config(workdir: str) -> dict:
@@ -67,6 +73,11 @@ def load_params(workdir: str, step: int | None = None, *, ema: bool = False):
   config = ml_collections.ConfigDict(read_config(workdir))
   _, step = state_dir(workdir, step)
   _, abstract = abstract_params(config)
+  if config.get("lora") and config.lora.rank:  # runs before LoRA existed have no lora section
+    if ema:
+      raise ValueError(f"{workdir} is a LoRA run: its checkpoints keep no moving average of the "
+                       "merged weights; drop --ema")
+    return _merged_lora_params(workdir, step, config), shardings(abstract), step
   key = "params"
   if ema:
     if not config.get("ema_decay"):
@@ -140,3 +151,39 @@ def check_matches(spec: str, cfg: model_lib.ModelConfig) -> None:
   if wrong:
     raise ValueError(f"init_from={spec} holds a different model; to load it set " + ", ".join(wrong))
   state_dir(directory, step)  # ValueError if the named checkpoint does not exist
+
+def _merged_lora_params(workdir: str, step: int, config) -> nnx.State:
+  """A LoRA checkpoint's adapters merged into the base weights they were trained on."""
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: lora.attach(model_lib.Transformer(model_cfg, nnx.Rngs(0)), config.lora, 0)), nnx.Param)
+  adapters = nnx.filter_state(abstract, lora.ADAPTERS)  # all a LoRA checkpoint holds
+  adapters = restore_params(workdir, step, adapters, convert.target_shardings(adapters))
+  checkpoints = os.path.join(os.path.abspath(workdir), "checkpoints")
+  base = _base_params(model_cfg, _base_record(checkpoints, step))
+  return nnx.state(lora.merge(nnx.merge(graphdef, base, adapters)), nnx.Param)
+
+
+def _base_record(checkpoints: str, step: int) -> dict:
+  """{"init_from", "seed"} a LoRA checkpoint was saved with (spjax.train.program.Program.save)."""
+  path = os.path.join(checkpoints, str(step), "info")
+  if not os.path.isdir(path):
+    raise ValueError(f"checkpoint {checkpoints}/{step} of a LoRA run has no record of its base "
+                     "weights (info/); it was not written by a LoRA run")
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path)["lora_base"]
+
+
+def _base_params(model_cfg: model_lib.ModelConfig, record: dict) -> nnx.State:
+  """The frozen weights a LoRA run trained on, in the active layout: init_from's, else the seed's.
+  """
+  if record["init_from"] and init_source(record["init_from"]):  # a spjax workdir (`DIR[@STEP]`)
+    return load_params(*init_source(record["init_from"]))[0]
+  if record["init_from"]:
+    run_as = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
+              if f.name not in hf.ARCHITECTURE_FIELDS}
+    hf.check_matches(record["init_from"], model_cfg)
+    model, _ = hf.from_pretrained(record["init_from"], **run_as)
+    return nnx.state(model, nnx.Param)
+  def init():  # the same values as the run's jitted init: the seed decides them, not the layout
+    return nnx.state(model_lib.Transformer(model_cfg, nnx.Rngs(record["seed"])), nnx.Param)
+  return jax.jit(init, out_shardings=convert.target_shardings(jax.eval_shape(init)))()

@@ -5,7 +5,8 @@
       --temperature=0.8 --top_k=40 --top_p=0.95
 
 The model is placed on the local devices under a layout (the run's own by default) and decoded with
-a KV cache in one compiled loop; all prompts go in one batch. Text goes through the run's SentencePiece
+a KV cache in one compiled loop; all prompts go in one batch. A LoRA run's adapters are merged into
+its base weights first (`spjax.convert.workdir.load`). Text goes through the run's SentencePiece
 tokenizer, or for --hf_dir its tokenizer.model, else its HF tokenizer (needs `transformers`).
 Generation stops at --max_new_tokens or the tokenizer's end-of-sequence token.
 

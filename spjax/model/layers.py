@@ -34,6 +34,25 @@ def _const(value: float, shape, names, cfg: ModelConfig) -> nnx.Param:
                    eager_sharding=False)
 
 
+def adapted(module, name: str, x, y, key):
+  """y = x through `module`'s kernel `name`, plus the output of the low-rank adapter that
+  spjax/tune/lora.py attached as `<name>_lora`, if any; the model itself never creates adapters.
+
+  `key` (None in eval) seeds the adapter's input dropout.
+  """
+  adapter = getattr(module, name + "_lora", None)
+  return y if adapter is None else y + adapter(x, key).astype(y.dtype)
+
+
+def neftune(x, alpha: float, key):
+  """NEFTune (Jain et al. 2023): embeddings x [B, T, D] plus noise uniform in
+  +-alpha / sqrt(T * D); `key=None` (eval, decoding) or alpha 0 is the identity."""
+  if key is None or alpha == 0.0:
+    return x
+  bound = alpha / math.sqrt(x.shape[1] * x.shape[2])
+  return x + jax.random.uniform(key, x.shape, x.dtype, -bound, bound)
+
+
 def dropout(x, rate: float, key):
   """Inverted dropout; `key=None` (eval) is the identity."""
   if key is None or rate == 0.0:
@@ -83,6 +102,8 @@ def rope(x, positions, theta: float, rotary_dim: int):
 
 class Attention(nnx.Module):
   """Causal grouped-query attention that never attends across packed documents."""
+  # kernel -> how many of its leading dimensions the input contracts with (the rest are outputs)
+  KERNELS = {"q": 1, "k": 1, "v": 1, "o": 2}
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -98,9 +119,10 @@ class Attention(nnx.Module):
       self.v_bias = _const(0.0, (k, dh), ("kv_heads", "head_dim"), cfg)
       self.o_bias = _const(0.0, (d,), ("embed",), cfg)
 
-  def _project(self, x, name):  # x [B, T, D] -> [B, T, N, Dh]
+  def _project(self, x, name, key):  # x [B, T, D] -> [B, T, N, Dh]
     dt = jnp.dtype(self.cfg.dtype)
     y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dt))
+    y = adapted(self, name, x, y, _fold(key, "qkv".index(name)))
     return y + getattr(self, name + "_bias")[...].astype(dt) if self.cfg.attn_bias else y
 
   def __call__(self, x, positions, segment_ids, key, cache=None):
@@ -111,7 +133,7 @@ class Attention(nnx.Module):
     slot of its segment.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    q, k, v = (self._project(x, n) for n in "qkv")  # [B, T, H | K, Dh]
+    q, k, v = (self._project(x, n, key) for n in "qkv")  # [B, T, H | K, Dh]
     q = constrain(rope(q, positions, cfg.rope_theta, cfg.rotary_dim),
                   ("batch", "length", "act_heads", "head_dim"))
     k = constrain(rope(k, positions, cfg.rope_theta, cfg.rotary_dim),
@@ -119,7 +141,7 @@ class Attention(nnx.Module):
     v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
 
     if cache is None and cfg.attention == "splash":
-      return self._output(attention_lib.splash(q, k, v, segment_ids)), None
+      return self._output(attention_lib.splash(q, k, v, segment_ids), key), None
 
     b, t, h, dh = q.shape
     groups = h // cfg.num_kv_heads
@@ -145,17 +167,19 @@ class Attention(nnx.Module):
     probs = dropout(probs, cfg.dropout_rate, key)
     spec = "bkgts,bskd->btkgd" if cache is None else "bkgts,bkds->btkgd"
     out = jnp.einsum(spec, probs, v).reshape(b, t, h, dh)  # [B, T, H, Dh]
-    return self._output(out), None if cache is None else (k, v)
+    return self._output(out, key), None if cache is None else (k, v)
 
-  def _output(self, out):  # [B, T, H, Dh] -> [B, T, D]
+  def _output(self, out, key):  # [B, T, H, Dh] -> [B, T, D]
     dt = jnp.dtype(self.cfg.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
-    out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
-    return out + self.o_bias[...].astype(dt) if self.cfg.attn_bias else out
+    y = adapted(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)),
+                _fold(key, 3))
+    return y + self.o_bias[...].astype(dt) if self.cfg.attn_bias else y
 
 
 class MLP(nnx.Module):
   """down(act(x @ gate) * (x @ up)) when gated (SwiGLU), else down(act(x @ up))."""
+  KERNELS = {"gate": 1, "up": 1, "down": 1}  # as Attention.KERNELS
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -170,17 +194,24 @@ class MLP(nnx.Module):
       self.up_bias = _const(0.0, (f,), ("mlp",), cfg)
       self.down_bias = _const(0.0, (d,), ("embed",), cfg)
 
-  def _dense(self, x, name):
+  def _dense(self, x, name, key):
     dt = jnp.dtype(self.cfg.dtype)
-    y = x @ getattr(self, name)[...].astype(dt)
+    y = adapted(self, name, x, x @ getattr(self, name)[...].astype(dt),
+                _fold(key, ("gate", "up", "down").index(name)))
     return y + getattr(self, name + "_bias")[...].astype(dt) if self.cfg.mlp_bias else y
 
-  def __call__(self, x):  # [B, T, D]
-    h = ACTIVATIONS[self.cfg.mlp_activation](self._dense(x, "gate" if self.cfg.gated_mlp else "up"))
+  def __call__(self, x, key=None):  # [B, T, D]; key (None in eval) for adapters' dropout
+    first = "gate" if self.cfg.gated_mlp else "up"
+    h = ACTIVATIONS[self.cfg.mlp_activation](self._dense(x, first, key))
     if self.cfg.gated_mlp:
-      h = h * self._dense(x, "up")  # [B, T, F]
+      h = h * self._dense(x, "up", key)  # [B, T, F]
     h = constrain(h, ("batch", "length", "act_mlp"))
-    return self._dense(h, "down")  # [B, T, D]
+    return self._dense(h, "down", key)  # [B, T, D]
+
+
+def _fold(key, i: int):
+  """A key of its own for the i-th kernel's adapter, distinct from `key`'s other uses."""
+  return None if key is None else jax.random.fold_in(key, i)
 
 
 class Block(nnx.Module):
@@ -199,8 +230,8 @@ class Block(nnx.Module):
     h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, keys[0], cache)
     h = dropout(h, self.rate, keys[1])
     if self.parallel:
-      x = x + h + dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
+      x = x + h + dropout(self.mlp(self.mlp_norm(x), keys[2]), self.rate, keys[2])
     else:
       x = constrain(x + h, ("batch", "length", "act_embed"))
-      x = x + dropout(self.mlp(self.mlp_norm(x)), self.rate, keys[2])
+      x = x + dropout(self.mlp(self.mlp_norm(x), keys[2]), self.rate, keys[2])
     return constrain(x, ("batch", "length", "act_embed")), new_kv

@@ -20,7 +20,7 @@ from flax import nnx
 
 from spjax.model import attention as attention_lib
 from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
-from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, param
+from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, neftune, param
 from spjax.parallel import pipeline
 from spjax.parallel.sharding import constrain
 
@@ -68,15 +68,19 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, 0.02)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
+  def __call__(self, tokens, positions=None, segment_ids=None, *, dropout_key=None,
+               neftune_alpha: float = 0.0):
     """tokens [B, T] int -> logits [B, T, V] float32.
 
     positions/segment_ids [B, T] come from packing (segment 0 is padding); by default one document
-    per row. `dropout_key=None` means eval (no dropout).
+    per row. `dropout_key=None` means eval (no dropout, no NEFTune noise); `neftune_alpha` > 0
+    adds NEFTune noise to the input embeddings in training (`layers.neftune`).
     """
-    return self.logits(self.hidden(tokens, positions, segment_ids, dropout_key=dropout_key))
+    return self.logits(self.hidden(tokens, positions, segment_ids, dropout_key=dropout_key,
+                                   neftune_alpha=neftune_alpha))
 
-  def hidden(self, tokens, positions=None, segment_ids=None, *, dropout_key=None):
+  def hidden(self, tokens, positions=None, segment_ids=None, *, dropout_key=None,
+             neftune_alpha: float = 0.0):
     """tokens [B, T] int -> final hidden states [B, T, D] (after the final norm), compute dtype.
 
     `__call__` without the vocabulary matmul, for losses that unembed a slice at a time
@@ -92,7 +96,7 @@ class Transformer(nnx.Module):
     if cp > 1:
       tokens, positions, segment_ids = (attention_lib.balance(a, cp)
                                         for a in (tokens, positions, segment_ids))
-    x, _ = self._run(tokens, positions, segment_ids, dropout_key, None)
+    x, _ = self._run(tokens, positions, segment_ids, dropout_key, None, neftune_alpha)
     if cp > 1:
       x = constrain(attention_lib.unbalance(x, cp), ("batch", "length", "act_embed"))
     return x
@@ -120,10 +124,13 @@ class Transformer(nnx.Module):
   def _logits(self, x, names):  # [..., D] -> [..., V] float32
     return unembed(x, self.unembedding(), self.cfg.dtype, names)
 
-  def _run(self, tokens, positions, segment_ids, dropout_key, cached):
+  def _run(self, tokens, positions, segment_ids, dropout_key, cached, neftune_alpha=0.0):
     """-> (final hidden states [B, T, D], with `cached` the per-layer caches (k, v) updated)."""
     cfg = self.cfg
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.dtype)  # [B, T, D]
+    x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D] in param dtype
+    if dropout_key is not None and neftune_alpha:  # its own key; the layers' keys as without it
+      x = neftune(x, neftune_alpha, jax.random.fold_in(dropout_key, cfg.num_layers))
+    x = x.astype(cfg.dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
 
     policy = REMAT_POLICIES[cfg.remat_policy]
@@ -180,6 +187,11 @@ def unrolled(model: Transformer) -> Transformer:
   cfg = dataclasses.replace(model.cfg, scan_layers=False)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   stacked = dict(nnx.to_flat_state(nnx.state(model)))
+  known = {p for p, _ in nnx.to_flat_state(abstract)}
+  extra = [p for p in stacked if p[0] == "blocks" and ("blocks", 0) + p[1:] not in known]
+  if extra:  # would be dropped silently
+    raise ValueError(f"unrolled: {'/'.join(map(str, extra[0]))} is not a Transformer parameter; "
+                     "merge LoRA adapters into the kernels first (spjax.tune.lora.merge)")
   flat = []
   for path, var in nnx.to_flat_state(abstract):
     # Raw values, sliced leaf by leaf: a quantized weight (integers and scales) stays quantized.

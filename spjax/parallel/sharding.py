@@ -17,7 +17,10 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "expert")
+# lora_rank: the low-rank dimension of LoRA adapters (spjax/tune/lora.py); replicated unless a layout
+# maps it (it is small, and its partners' axes already shard each adapter).
+PARAM_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers", "expert",
+              "lora_rank")
 ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp",
                    "act_vocab")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES

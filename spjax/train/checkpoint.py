@@ -2,7 +2,8 @@
 
 Each step directory holds two items: `state`, any pytree of jax arrays (params, optimizer state,
 step) written by every process for its own shards, and `data_iter`, one JSON file of Grain iterator
-state per process. Restoring reads arrays straight into the shardings the caller asks for, so a
+state per process; optionally a third, `info`, a small JSON dict (a LoRA run: where its base
+weights come from). Restoring reads arrays straight into the shardings the caller asks for, so a
 run can resume on a different mesh or layout.
 """
 
@@ -34,7 +35,8 @@ class Checkpointer:
             preservation_policy=keep, cleanup_tmp_directories=True),
         # Registered up front so a fresh process (a resumed run) can read the metadata of old steps.
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data_iter": grain.checkpoint.CheckpointHandler()})
+                       "data_iter": grain.checkpoint.CheckpointHandler(),
+                       "info": ocp.JsonCheckpointHandler()})
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process at the same step once any process got a preemption notice.
@@ -43,7 +45,8 @@ class Checkpointer:
     """
     return self._manager.reached_preemption(step)
 
-  def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+  def save(self, step: int, state, data_iter=None, *, force: bool = False,
+           info: dict | None = None) -> bool:
     """Starts saving `state` (and `data_iter`'s position) if `step` is due or `force`; True if so.
 
     Returns once the arrays are copied off the devices, so the caller may donate or overwrite them
@@ -55,6 +58,8 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    if info is not None:
+      items["info"] = ocp.args.JsonSave(info)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def latest_step(self) -> int | None:
@@ -67,6 +72,13 @@ class Checkpointer:
   def metadata(self, step: int):
     """The saved state's tree of array metadata (shape, dtype, sharding), read without the data."""
     return self._manager.item_metadata(step)["state"]
+
+  def info(self, step: int) -> dict | None:
+    """The `info` dict saved with `step`, or None if it has none."""
+    self.wait()
+    if not os.path.isdir(os.path.join(self._manager.directory, str(step), "info")):
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"]
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """Returns the state saved at `step`, laid out as `abstract_state` asks.

@@ -95,7 +95,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         state = prog.jit_init()()
       start_step = 0
     else:
-      state = ckpt.restore(start_step, prog.abstract_state(), train_iter)
+      state = prog.restore(ckpt, start_step, train_iter)
       print(f"spjax: resumed from {workdir}/checkpoints at step {start_step}", flush=True)
     train_step, eval_step = prog.jit_train_step(), prog.jit_eval_step()
 
@@ -119,7 +119,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       finite = [m for m in window if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])]
       skipped = int(jax.device_get(state["opt_state"].total_notfinite))  # over the whole run
       if len(finite) < len(window) and config.nan_policy == "abort":
-        ckpt.save(step, state, train_iter, force=True)  # bad updates were never applied
+        prog.save(ckpt, step, state, train_iter, force=True)  # bad updates were never applied
         ckpt.wait()
         raise BadStepError(
             f"{len(window) - len(finite)} step(s) up to step {step} had a non-finite loss or "
@@ -158,7 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         final |= evaluate(done)
         window_start = time.perf_counter()  # eval time is not training throughput
       stop = watcher.should_stop(done)
-      ckpt.save(done, state, train_iter, force=stop or done == config.num_train_steps)
+      prog.save(ckpt, done, state, train_iter, force=stop or done == config.num_train_steps)
       if stop:
         if pending:
           log_window(done, jax.device_get(pending), time.perf_counter() - window_start)

@@ -8,6 +8,7 @@ training, so what they measure is what trains.
 import contextlib
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from spjax.parallel import layouts, pipeline, sharding
 from spjax.train import optim
 from spjax.train import step as step_lib
 from spjax.tune import distill
+from spjax.tune import lora
 
 
 def check_config(config) -> model_lib.ModelConfig:
@@ -51,7 +53,11 @@ def check_config(config) -> model_lib.ModelConfig:
   if config.peak_tflops_per_device < 0:
     raise ValueError(f"config.peak_tflops_per_device must be >= 0, got "
                      f"{config.peak_tflops_per_device}")
-  return model_lib.ModelConfig.from_config(config.model)
+  if config.neftune_alpha < 0:
+    raise ValueError(f"config.neftune_alpha must be >= 0 (0 = off), got {config.neftune_alpha}")
+  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  lora.validate(config.lora, model_cfg)
+  return model_cfg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +103,23 @@ class Program:
         return fn(*args, **kwargs)
     return traced
 
+  @property
+  def trainable(self):
+    """Filter of the params that get gradients and optimizer state: LoRA adapters, else all."""
+    return _trainable(self.config)
+
   def init_state(self, params=None):
-    """Step 0: `params` (default: freshly initialised from the seed) and new optimizer moments."""
+    """Step 0: `params` (default: freshly initialised from the seed) and new optimizer moments.
+
+    Under LoRA `params` are the base model's, and fresh adapters are added beside its kernels.
+    """
     if params is None:
       params = nnx.state(model_lib.Transformer(self.model_cfg, nnx.Rngs(self.config.seed)),
                          nnx.Param)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    if self.config.lora.rank:
+      params = lora.with_adapters(params, self.model_cfg, self.config.lora, self.config.seed)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": self.tx.init(nnx.filter_state(params, self.trainable))}
     if self.config.ema_decay > 0:  # the moving average starts at the initial params
       state["ema_params"] = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     return state
@@ -122,7 +139,8 @@ class Program:
     run_as = {f.name: getattr(self.model_cfg, f.name) for f in dataclasses.fields(self.model_cfg)
               if f.name not in hf.ARCHITECTURE_FIELDS}  # dtypes, scan, remat, attention
     model, _ = hf.from_pretrained(self.config.init_from, **run_as)
-    init = jax.jit(self._under_layout(self.init_state), in_shardings=(self.state_shardings["params"],),
+    base = nnx.filter_state(self.state_shardings["params"], lora.BASE)  # no adapters yet
+    init = jax.jit(self._under_layout(self.init_state), in_shardings=(base,),
                    out_shardings=self.state_shardings, donate_argnums=0)
     return init(nnx.state(model, nnx.Param))
 
@@ -142,7 +160,8 @@ class Program:
                            schedule=self.schedule, seed=c.seed,
                            grad_accum_steps=c.grad_accum_steps, z_loss=c.z_loss,
                            loss_chunk=c.loss_chunk_size, ema_decay=c.ema_decay,
-                           objective=self.teacher and self.teacher.objective())
+                           objective=self.teacher and self.teacher.objective(),
+                           trainable=self.trainable, neftune_alpha=c.neftune_alpha)
     frozen = () if self.teacher is None else (self.teacher.shardings,)
     jitted = jax.jit(self._under_layout(fn),
                      in_shardings=(self.state_shardings, self.batch_sharding, *frozen),
@@ -159,6 +178,49 @@ class Program:
                                                         loss_chunk=self.config.loss_chunk_size)),
                    in_shardings=(shardings, self.batch_sharding))
 
+  # ----------------------------------------------------------------------------------------------
+  # Checkpoints: a LoRA run saves its adapters (and their moments) only, with where its base came from
+  # ----------------------------------------------------------------------------------------------
+
+  def save(self, ckpt, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+    """`ckpt.save` (a train.checkpoint.Checkpointer) of what this run checkpoints."""
+    if not self.config.lora.rank:
+      return ckpt.save(step, state, data_iter, force=force)
+    return ckpt.save(step, self._without_base(state), data_iter, force=force,
+                     info={"lora_base": self._base_record()})
+
+  def restore(self, ckpt, step: int, data_iter=None):
+    """The state saved at `step`, in this run's shardings. A LoRA checkpoint's base weights are
+    rebuilt as at the start (from init_from, else the seed), once they are known to be the ones
+    its adapters were trained on."""
+    recorded = (ckpt.info(step) or {}).get("lora_base")
+    if not self.config.lora.rank:
+      if recorded is not None:
+        raise ValueError(f"checkpoint step {step} holds LoRA adapters only; resume it with the "
+                         "config.lora.* it was trained with (in config.json)")
+      return ckpt.restore(step, self.abstract_state(), data_iter)
+    if recorded is None:
+      raise ValueError(f"checkpoint step {step} is not a LoRA checkpoint (it has no base record); "
+                       "resume it with config.lora.rank=0")
+    def describe(base):  # the seed decides the base only without init_from
+      return base["init_from"] or f"config.seed={base['seed']}"
+    if describe(recorded) != describe(self._base_record()):
+      raise ValueError(f"checkpoint step {step} holds LoRA adapters trained on the base weights of "
+                       f"{describe(recorded)}, but this run's base is "
+                       f"{describe(self._base_record())}; resume with the same config.init_from "
+                       "(and config.seed)")
+    saved = ckpt.restore(step, self._without_base(self.abstract_state()), data_iter)
+    fresh = self.pretrained_state() if self.config.init_from else self.jit_init()()
+    params = nnx.merge_state(nnx.filter_state(fresh["params"], lora.BASE), saved["params"])
+    return {**saved, "params": params}
+
+  def _without_base(self, state):
+    return {**state, "params": nnx.filter_state(state["params"], lora.ADAPTERS)}
+
+  def _base_record(self) -> dict:
+    init_from = self.config.init_from
+    return {"init_from": os.path.abspath(init_from) if init_from else "", "seed": self.config.seed}
+
 
 def build(config, devices=None) -> Program:
   """Validates config, layout and mesh against every parameter and activation shape."""
@@ -173,8 +235,10 @@ def build(config, devices=None) -> Program:
   # Resolved before the model is built: the graphdef carries the attention the steps will trace.
   model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
       model_cfg, config.seq_len, layout, mesh))
-  abstract_model = nnx.eval_shape(lambda: model_lib.Transformer(model_cfg, nnx.Rngs(config.seed)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  def make_model():  # the graph the steps run: with LoRA, adapters beside the targeted kernels
+    model = model_lib.Transformer(model_cfg, nnx.Rngs(config.seed))
+    return lora.attach(model, config.lora, config.seed) if config.lora.rank else model
+  graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
   param_shardings = sharding.param_shardings(abstract_params, mesh, layout)
   micro_batch = config.per_device_batch_size * mesh.size
   for name, (shape, names) in model_lib.activation_shapes(model_cfg, micro_batch,
@@ -182,16 +246,20 @@ def build(config, devices=None) -> Program:
     sharding.validate_tensor(layout, mesh, name, shape, names)
   tx, schedule = optim.make_optimizer(config.optimizer, config.num_train_steps, config.prune)
   return Program(config, model_cfg, layout, mesh, graphdef, abstract_params, tx, schedule,
-                 _state_shardings(abstract_params, param_shardings, tx, mesh, layout,
-                                  config.ema_decay > 0),
+                 _state_shardings(nnx.filter_state(abstract_params, _trainable(config)),
+                                  param_shardings, tx, mesh, layout, config.ema_decay > 0),
                  NamedSharding(mesh, layout.spec(("batch", "length"))),
                  distill.build_teacher(config, model_cfg, layout, mesh))
 
 
-def _state_shardings(abstract_params, param_shardings, tx, mesh, layout, ema: bool):
-  """Optimizer moments and the EMA follow their parameter (they carry its logical names); the rest
-  replicates."""
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+def _trainable(config):
+  return lora.ADAPTERS if config.lora.rank else nnx.Param
+
+
+def _state_shardings(trainable_params, param_shardings, tx, mesh, layout, ema: bool):
+  """Optimizer moments follow their parameter (they carry its logical names), the EMA the params;
+  the rest replicates."""
+  abstract_opt = jax.eval_shape(tx.init, trainable_params)
 
   def leaf_sharding(leaf):
     if not isinstance(leaf, nnx.Variable):

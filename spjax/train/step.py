@@ -4,6 +4,8 @@
 float32 moving average of the params, when config.ema_decay > 0); `batch` is the data pipeline's
 dict of [B, T] int32 arrays (inputs, targets, segment_ids, positions; segment 0 = padding) and
 `loss_mask` [B, T] (int or float): the weight of each target, 0 = not trained (padding, prompts).
+Only the params the `trainable` filter picks (all, or LoRA adapters) get gradients and optimizer
+state; the rest (the base) pass through the step untouched.
 """
 
 import functools
@@ -17,7 +19,8 @@ from spjax.parallel.sharding import constrain
 from spjax.train import loss as loss_lib
 
 
-def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, loss_chunk=0):
+def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, *, loss_chunk=0,
+              base=None, neftune_alpha: float = 0.0):
   """Summed token cross-entropy (+ z-loss) times `scale`, the unscaled sum, and the token count.
 
   Every sum is weighted by `batch["loss_mask"]`; the count is the sum of the mask.
@@ -25,17 +28,17 @@ def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, lo
   With `scale` = 1 / (tokens in the whole batch), gradients of microbatches add up to the gradient of
   the batch's mean loss, with no division pass over the gradients afterwards. `loss_chunk` > 0
   unembeds that many positions at a time (spjax/train/loss.py): same sums, no [B, T, V] logits.
+  `base`: the params not differentiated (a LoRA run's base weights).
   """
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params, *([] if base is None else [base]), copy=True)
   mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
+  args = (batch["inputs"], batch["positions"], batch["segment_ids"])
   if loss_chunk:
-    hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"],
-                          dropout_key=dropout_key)  # [B, T, D]
+    hidden = model.hidden(*args, dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, D]
     nll_sum, z_sum = loss_lib.chunked_nll_sums(hidden, model.unembedding(), batch["targets"], mask,
                                                loss_chunk, model.cfg.dtype)
     return (nll_sum + z_loss * z_sum) * scale, (nll_sum, jnp.sum(mask))
-  logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                 dropout_key=dropout_key)  # [B, T, V] float32
+  logits = model(*args, dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, V] float32
   log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   nll_sum = jnp.sum((log_z - target_logit) * mask)
@@ -54,15 +57,17 @@ def _microbatches(batch, n: int):
 
 def train_step(state, batch, frozen=None, *, graphdef, tx, schedule, seed: int,
                grad_accum_steps: int, z_loss: float, loss_chunk: int = 0, ema_decay: float = 0.0,
-               objective=None):
+               objective=None, trainable=nnx.Param, neftune_alpha: float = 0.0):
   """One optimizer step. `objective` (e.g. distillation's) replaces `loss_sums`: it takes the same
   arguments plus `frozen` (arrays it reads but does not train: a teacher's params) and returns
   (objective * scale, (nll sum, {name: sum})); each sum is logged per token as metrics[name]."""
-  params, step = state["params"], state["step"]
+  step = state["step"]
+  params, base = nnx.split_state(state["params"], trainable, ...)
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
   loss_fn = (functools.partial(loss_sums, loss_chunk=loss_chunk) if objective is None
              else functools.partial(objective, teacher_params=frozen))
-  grad_fn = jax.grad(loss_fn, has_aux=True)
+  grad_fn = functools.partial(jax.grad(loss_fn, has_aux=True), base=base,
+                              neftune_alpha=neftune_alpha)
 
   # Trained targets of the whole global batch (every microbatch), so microbatch gradients add up.
   tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
@@ -79,7 +84,7 @@ def train_step(state, batch, frozen=None, *, graphdef, tx, schedule, seed: int,
     nll_sum, sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), auxs)  # over microbatches
 
   updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_params = optax.apply_updates(params, updates)
+  new_params = nnx.merge_state(optax.apply_updates(params, updates), base)
   new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state}
   if ema_decay > 0:  # ema <- decay * ema + (1 - decay) * params, in float32 whatever the params are
     new_state["ema_params"] = optax.incremental_update(

@@ -200,12 +200,14 @@ def distill_sums(student, teacher, student_h, teacher_h, targets, mask, settings
 
 
 def objective(params, graphdef, batch, dropout_key, z_loss: float, scale, teacher_params, *,
-              teacher_graphdef, settings: Settings):
-  """As `step.loss_sums`: (objective * scale, (nll sum, {"kl": sum, "ce": sum}))."""
-  student = nnx.merge(graphdef, params)
+              teacher_graphdef, settings: Settings, base=None, neftune_alpha: float = 0.0):
+  """As `step.loss_sums` (`base`: a LoRA student's frozen weights): (objective * scale,
+  (nll sum, {"kl": sum, "ce": sum}))."""
+  student = nnx.merge(graphdef, params, *([] if base is None else [base]), copy=True)
   teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
   args = (batch["inputs"], batch["positions"], batch["segment_ids"])
-  student_h = student.hidden(*args, dropout_key=dropout_key)  # [B, T, D]
+  student_h = student.hidden(*args, dropout_key=dropout_key,
+                             neftune_alpha=neftune_alpha)  # [B, T, D]
   teacher_h = jax.lax.stop_gradient(teacher.hidden(*args))  # [B, T, D']
   nll, kl, log_z_sq = distill_sums(student, teacher, student_h, teacher_h, batch["targets"],
                                    loss_mask(batch), settings)
