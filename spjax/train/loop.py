@@ -129,6 +129,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           "train/tokens_per_sec": tokens_per_sec,
           "train/mfu": tokens_per_sec * flops_per_token / peak_flops,
           "train/skipped_steps": skipped,
+          # MoE models: train/moe_lb_loss, train/moe_z_loss, train/moe_dropped_fraction
+          **{f"train/{k}": float(np.mean([m[k] for m in finite])) if finite else float("nan")
+             for k in window[-1] if k.startswith("moe_")},
       }
       writer.write(step, out)
       writer.progress(step, out["train/loss"], tokens_per_sec)

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from spjax.convert import hf
 from spjax.model import attention
 from spjax.model import model as model_lib
+from spjax.model import moe
 from spjax.parallel import layouts, sharding
 from spjax.train import optim
 from spjax.train import step as step_lib
@@ -132,6 +133,7 @@ def build(config, devices=None) -> Program:
     hf.check_matches(config.init_from, model_cfg)
   layout = layouts.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)
+  moe.check_layout(model_cfg, layout, mesh)
   # Resolved before the model is built: the graphdef carries the attention the steps will trace.
   model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
       model_cfg, config.seq_len, layout, mesh))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from spjax.model import moe as moe_lib
 from spjax.parallel.sharding import constrain
 
 
@@ -27,7 +28,12 @@ def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0):
   nll_sum = jnp.sum((log_z - target_logit) * mask)
   # z-loss (PaLM) pulls log Z towards 0 so bf16 logits stay in range; added to the objective only.
   objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * mask)
-  return objective * scale, (nll_sum, jnp.sum(mask))
+  objective = objective * scale
+  # MoE aux losses are means over this (micro)batch; weighted by its share of the batch's tokens.
+  moe_loss, moe_metrics = moe_lib.objective(model)  # (None, {}) for a dense model
+  if moe_loss is not None:
+    objective = objective + moe_loss * jnp.sum(mask) * scale
+  return objective, (nll_sum, jnp.sum(mask), moe_metrics)
 
 
 def _microbatches(batch, n: int):
@@ -46,27 +52,28 @@ def train_step(state, batch, *, graphdef, tx, schedule, seed: int, grad_accum_st
 
   tokens = jnp.maximum(jnp.sum(batch["segment_ids"] > 0), 1).astype(jnp.float32)
   if grad_accum_steps == 1:
-    grads, (nll_sum, _) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
+    grads, (nll_sum, _, moe_metrics) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
   else:
     def accumulate(carry, xs):
       i, micro = xs
-      g, (nll, _) = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss,
-                            1.0 / tokens)
+      g, (nll, _, moe) = grad_fn(params, graphdef, micro, jax.random.fold_in(key, i), z_loss,
+                                 1.0 / tokens)
       acc_g, acc_nll = carry
-      return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll), None
+      return (jax.tree.map(jnp.add, acc_g, g), acc_nll + nll), moe
     zeros = jax.tree.map(jnp.zeros_like, params)
     xs = (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))
-    (grads, nll_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0), xs)
+    (grads, nll_sum), moe = jax.lax.scan(accumulate, (zeros, 0.0), xs)
+    moe_metrics = jax.tree.map(jnp.mean, moe)  # [n] per-microbatch means -> []
 
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_state = {"step": step + 1, "params": optax.apply_updates(params, updates),
                "opt_state": opt_state}
   metrics = {"loss": nll_sum / tokens, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(step), "tokens": tokens}
+             "learning_rate": schedule(step), "tokens": tokens, **moe_metrics}
   return new_state, metrics
 
 
 def eval_step(params, batch, *, graphdef):
   """Summed loss and token count of one batch; the caller divides after summing batches."""
-  _, (nll_sum, tokens) = loss_sums(params, graphdef, batch, None, 0.0)
+  _, (nll_sum, tokens, _) = loss_sums(params, graphdef, batch, None, 0.0)
   return {"nll_sum": nll_sum, "tokens": tokens}
