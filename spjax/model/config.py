@@ -69,7 +69,7 @@ class ModelConfig:
                                  # sequence, the rest are dropped; 0 = dropless (ragged_dot)
   moe_every: int = 1             # layer i (from 0) is MoE when (i + 1) % moe_every == 0; must be
                                  # 1 with scan_layers (the scanned stack holds one kind of block)
-  moe_lb_loss_weight: float = 0.01   # load-balance loss (Switch; 1.0 when balanced) in the objective
+  moe_lb_loss_weight: float = 0.01   # load-balance loss (Switch; 1.0 = balanced) in the objective
   moe_z_loss_weight: float = 0.001   # router z-loss (ST-MoE: mean logsumexp(logits)^2)
 
   @property

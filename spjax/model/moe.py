@@ -39,7 +39,7 @@ STATS = ("lb_loss", "z_loss", "dropped_fraction")
 
 
 def capacity(cfg: ModelConfig, seq_len: int) -> int:
-  """Slots per expert per sequence on the capacity path (at most T: a token visits an expert once)."""
+  """Slots per expert per sequence on the capacity path (<= T: a token visits an expert once)."""
   c = math.ceil(cfg.capacity_factor * seq_len * cfg.experts_per_token / cfg.num_experts)
   return max(1, min(seq_len, c))
 

@@ -44,8 +44,9 @@ def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float
   attention = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o, k, v
   mlp = (3 if m.gated_mlp else 2) * m.d_model * m.mlp_dim  # SwiGLU, or GeLU's up and down
   n = m.num_layers * (attention + mlp) + m.d_model * m.vocab_size
-  if m.num_experts:  # every moe_every-th layer runs k experts and the router instead of one MLP
-    n += m.num_layers // m.moe_every * ((m.experts_per_token - 1) * mlp + m.d_model * m.num_experts)
+  if getattr(m, "num_experts", 0):  # each MoE layer: k experts' MLPs and the router, not one MLP
+    moe_layers = m.num_layers // m.moe_every
+    n += moe_layers * ((m.experts_per_token - 1) * mlp + m.d_model * m.num_experts)
   return float(6 * n + 6 * m.num_layers * seq_len * m.num_heads * m.head_dim)
 
 
