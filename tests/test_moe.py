@@ -1,6 +1,7 @@
 """Mixture of experts: routing against a per-token loop, aux losses by hand, fsdp_ep like dp."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -240,3 +241,16 @@ def test_bad_moe_configs_fail_before_compiling(overrides, match):
 def test_hf_export_refuses_moe_models():
   with pytest.raises(ValueError, match="mixture-of-experts"):
     hf.config_to_hf(MOE)
+
+
+def test_training_logs_the_moe_stats(tmp_path):
+  from spjax.train import loop
+  cfg = tiny_moe("fsdp_ep", seq_len=32, num_train_steps=2, log_every_steps=1, eval_every_steps=2,
+                 eval_batches=1, **{"model.capacity_factor": 1.0})
+  loop.train_and_evaluate(cfg, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f if "train/loss" in line]
+  assert len(rows) == 2
+  for row in rows:
+    assert row["train/moe_lb_loss"] >= 1.0 - 1e-6 and row["train/moe_z_loss"] > 0
+    assert 0.0 <= row["train/moe_dropped_fraction"] < 1.0
