@@ -254,3 +254,12 @@ def test_training_logs_the_moe_stats(tmp_path):
   for row in rows:
     assert row["train/moe_lb_loss"] >= 1.0 - 1e-6 and row["train/moe_z_loss"] > 0
     assert 0.0 <= row["train/moe_dropped_fraction"] < 1.0
+
+
+def test_fsdp_ep_capacity_path_exchanges_tokens_by_all_to_all():
+  from spjax.parallel import hlo
+  prog = program.build(tiny_moe("fsdp_ep", seq_len=32, **{"model.capacity_factor": 1.0}))
+  with prog.activate():
+    text = prog.jit_train_step().lower(prog.abstract_state(),
+                                       prog.abstract_batch()).compile().as_text()
+  assert hlo.collectives(text).count["all-to-all"] > 0
