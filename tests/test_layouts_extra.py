@@ -1,4 +1,4 @@
-"""The sequence-parallel, hybrid (multislice) and split-residual presets: placement and math."""
+"""The sequence-parallel, hybrid (multislice), split-residual and expert presets: placement and math."""
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,19 @@ GOLDEN = {
         },
         "tokens": (("data", "fsdp"),),
         "residual": (("data", "fsdp"),),
+    },
+    "fsdp_ep": {  # a dense model: `expert` only splits the batch (tests/test_moe.py: experts)
+        "mesh": {"fsdp": 4, "expert": 2},
+        "params": {
+            "blocks/attn/q": (None, "fsdp"), "blocks/attn/k": (None, "fsdp"),
+            "blocks/attn/v": (None, "fsdp"), "blocks/attn/o": (None, None, None, "fsdp"),
+            "blocks/attn_norm/scale": (None, "fsdp"), "blocks/mlp_norm/scale": (None, "fsdp"),
+            "blocks/mlp/gate": (None, "fsdp"), "blocks/mlp/up": (None, "fsdp"),
+            "blocks/mlp/down": (None, None, "fsdp"), "embed": (None, "fsdp"),
+            "final_norm/scale": ("fsdp",), "unembed": ("fsdp",),
+        },
+        "tokens": (("data", "fsdp", "expert"),),
+        "residual": (("data", "fsdp", "expert"),),
     },
     "fsdp_tp_rs": {
         "mesh": {"fsdp": 4, "tensor": 2},

@@ -37,9 +37,9 @@ def loss_and_grads(prog, params, data):
   c = prog.config
   fn = jax.value_and_grad(step_lib.loss_sums, has_aux=True)
   run = jax.jit(prog._under_layout(
-      lambda p, d: fn(p, prog.graphdef, d, None, c.z_loss, 1.0 / 1000, c.loss_chunk_size)))
+      lambda p, d: fn(p, prog.graphdef, d, None, c.z_loss, 1.0 / 1000, loss_chunk=c.loss_chunk_size)))
   with prog.activate():
-    (objective, (nll, tokens)), grads = run(params, data)
+    (objective, (nll, tokens, _)), grads = run(params, data)
   return objective, nll, tokens, grads
 
 
@@ -64,7 +64,7 @@ def test_chunked_gradient_never_holds_the_full_logits():
     prog = build("dp", chunk)
     fn = jax.grad(step_lib.loss_sums, has_aux=True)
     run = jax.jit(prog._under_layout(
-        lambda p, d: fn(p, prog.graphdef, d, None, 0.0, 1.0, chunk)))
+        lambda p, d: fn(p, prog.graphdef, d, None, 0.0, 1.0, loss_chunk=chunk)))
     with prog.activate():
       return run.lower(prog.abstract_state()["params"], prog.abstract_batch()).compile().as_text()
   full, chunked = compiled_text(0), compiled_text(32)

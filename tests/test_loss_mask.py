@@ -103,7 +103,7 @@ def test_pretraining_loss_is_bit_identical_to_the_segment_id_mask():
     return jnp.sum((log_z - target) * mask), jnp.sum(mask)
 
   def masked_loss(params, batch):
-    _, (nll, tokens) = step_lib.loss_sums(params, prog.graphdef, batch, None, 0.0)
+    _, (nll, tokens, _) = step_lib.loss_sums(params, prog.graphdef, batch, None, 0.0)
     return nll, tokens
 
   data = pipeline.make_dataset(cfg, "train", tokenizer.load(""), batch_size=prog.global_batch)

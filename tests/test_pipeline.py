@@ -35,7 +35,7 @@ def packed_batch(rows: int, seq_len: int, vocab: int):
   segments = np.where(t < cut, 1, 2) * (t < seq_len - 3)  # the last 3 slots are padding
   positions = np.where(t < cut, t, t - cut)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
-          "positions": positions}
+          "positions": positions, "loss_mask": segments > 0}
 
 
 @pytest.mark.parametrize("repeats,microbatches,remat", [(1, 8, "none"), (2, 4, "full")])

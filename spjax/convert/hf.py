@@ -76,6 +76,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32",
 
 def family_of(cfg: model_lib.ModelConfig) -> str:
   """Which HF architecture computes exactly what this config does; ValueError if none."""
+  if cfg.num_experts:
+    raise ValueError("no Hugging Face architecture is supported for mixture-of-experts models "
+                     f"(model.num_experts={cfg.num_experts}); only dense Llama and GPT-NeoX")
   if (cfg.norm, cfg.gated_mlp, cfg.parallel_residual, cfg.rotary_pct) == ("rmsnorm", True, False,
                                                                           1.0):
     return "llama"
@@ -205,7 +208,7 @@ def _hf_name(family: str, key: str, layer: int | None) -> tuple[str, str]:
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                         "head_dim", "mlp_dim", "rope_theta", "rotary_pct", "norm", "norm_eps",
                         "mlp_activation", "gated_mlp", "parallel_residual", "attn_bias", "mlp_bias",
-                        "tie_embeddings")
+                        "tie_embeddings", "num_experts", "experts_per_token", "moe_every")
 
 
 def check_matches(hf_dir: str, cfg: model_lib.ModelConfig) -> None:

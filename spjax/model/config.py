@@ -62,6 +62,15 @@ class ModelConfig:
   attention: str = "auto"        # xla (einsums, any backend) | splash (fused Pallas kernel, TPU) |
                                  # auto (program.build: splash on TPU where the run allows it,
                                  # else xla; a model built directly treats it as xla)
+  # Mixture of experts (spjax/model/moe.py). 0 experts = a dense MLP in every layer.
+  num_experts: int = 0           # experts per MoE layer; their weights carry the `expert` axis
+  experts_per_token: int = 2     # top-k: experts each token goes to, weights renormalised over them
+  capacity_factor: float = 0.0   # > 0: each expert takes ceil(factor * T * k / E) tokens per
+                                 # sequence, the rest are dropped; 0 = dropless (ragged_dot)
+  moe_every: int = 1             # layer i (from 0) is MoE when (i + 1) % moe_every == 0; must be
+                                 # 1 with scan_layers (the scanned stack holds one kind of block)
+  moe_lb_loss_weight: float = 0.01   # load-balance loss (Switch; 1.0 = balanced) in the objective
+  moe_z_loss_weight: float = 0.001   # router z-loss (ST-MoE: mean logsumexp(logits)^2)
 
   @property
   def rotary_dim(self) -> int:
@@ -103,12 +112,45 @@ class ModelConfig:
     if self.attention not in attention_lib.IMPLS:
       raise ValueError(f"model.attention {self.attention!r} is not one of "
                        f"{', '.join(attention_lib.IMPLS)}")
+    self._validate_moe()
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"model.{name} must be float32, bfloat16 or float16, "
                          f"got {getattr(self, name)!r}")
 
-  def num_params(self) -> int:
+  def _validate_moe(self):
+    if self.num_experts < 0:
+      raise ValueError(f"model.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
+    if self.moe_every < 1:
+      raise ValueError(f"model.moe_every must be >= 1, got {self.moe_every}")
+    if self.num_experts == 0:
+      return
+    if not 1 <= self.experts_per_token <= self.num_experts:
+      raise ValueError(f"model.experts_per_token must be in [1, model.num_experts = "
+                       f"{self.num_experts}], got {self.experts_per_token}")
+    if self.capacity_factor < 0:
+      raise ValueError(f"model.capacity_factor must be >= 0 (0 = dropless), got "
+                       f"{self.capacity_factor}")
+    if self.moe_every > self.num_layers:
+      raise ValueError(f"model.moe_every ({self.moe_every}) exceeds model.num_layers "
+                       f"({self.num_layers}): no layer would be MoE")
+    if self.scan_layers and self.moe_every != 1:
+      raise ValueError(f"model.moe_every={self.moe_every} needs model.scan_layers=False: a "
+                       "scanned stack repeats one block, so with scan every layer is MoE "
+                       "(moe_every=1)")
+    if self.mlp_bias:
+      raise ValueError("model.mlp_bias is not supported with model.num_experts > 0 (experts "
+                       "have no biases)")
+    for name in ("moe_lb_loss_weight", "moe_z_loss_weight"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_layers // self.moe_every if self.num_experts else 0
+
+  def num_params(self, experts: int | None = None) -> int:
+    """Every parameter; `experts` = how many experts of each MoE layer to count (default all)."""
     d, f = self.d_model, self.mlp_dim
     qo, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
     attn = 2 * d * (qo + kv) + (2 * qo + 2 * kv + d if self.attn_bias else 0)
@@ -116,7 +158,13 @@ class ModelConfig:
     mlp = matrices * d * f + ((matrices - 1) * f + d if self.mlp_bias else 0)
     norm = 2 * d if self.norm == "layernorm" else d
     unembed = 0 if self.tie_embeddings else d * self.vocab_size
-    return self.vocab_size * d + self.num_layers * (attn + mlp + 2 * norm) + norm + unembed
+    experts = self.num_experts if experts is None else experts
+    moe = self.num_moe_layers * ((experts - 1) * mlp + d * self.num_experts)  # + the router
+    return self.vocab_size * d + self.num_layers * (attn + mlp + 2 * norm) + norm + unembed + moe
+
+  def num_active_params(self) -> int:
+    """Parameters a token uses: MoE layers count experts_per_token experts (and the router)."""
+    return self.num_params(self.experts_per_token if self.num_experts else None)
 
 
 SIZES = {

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spjax.model import attention as attention_lib
+from spjax.model import moe as moe_lib
 from spjax.model.config import ACTIVATIONS, ModelConfig
 from spjax.parallel.sharding import constrain
 
@@ -215,23 +216,31 @@ def _fold(key, i: int):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); or both from x in parallel."""
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); or both from x in parallel.
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  `moe`: the MLP is a mixture of experts (spjax/model/moe.py), whose stats the block returns.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
     self.rate = cfg.dropout_rate
     self.parallel = cfg.parallel_residual
+    self.moe = moe
     self.attn_norm = Norm(cfg)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = Norm(cfg)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = moe_lib.MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
-  def __call__(self, x, positions, segment_ids, key, cache=None):  # x [B, T, D]
+  def __call__(self, x, positions, segment_ids, key, cache=None):
+    """x [B, T, D] -> (x [B, T, D], new_kv as Attention's, MoE stats {name: []} or {} if dense)."""
     keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
     h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, keys[0], cache)
     h = dropout(h, self.rate, keys[1])
-    if self.parallel:
-      x = x + h + dropout(self.mlp(self.mlp_norm(x), keys[2]), self.rate, keys[2])
-    else:
+    if not self.parallel:  # else the MLP reads the block's input too
       x = constrain(x + h, ("batch", "length", "act_embed"))
-      x = x + dropout(self.mlp(self.mlp_norm(x), keys[2]), self.rate, keys[2])
-    return constrain(x, ("batch", "length", "act_embed")), new_kv
+    if self.moe:
+      m, stats = self.mlp(self.mlp_norm(x), segment_ids)
+    else:
+      m, stats = self.mlp(self.mlp_norm(x), keys[2]), {}
+    m = dropout(m, self.rate, keys[2])
+    x = x + h + m if self.parallel else x + m
+    return constrain(x, ("batch", "length", "act_embed")), new_kv, stats

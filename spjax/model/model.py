@@ -20,6 +20,7 @@ from flax import nnx
 
 from spjax.model import attention as attention_lib
 from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
+from spjax.model import moe as moe_lib
 from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, neftune, param
 from spjax.parallel import pipeline
 from spjax.parallel.sharding import constrain
@@ -60,10 +61,11 @@ class Transformer(nnx.Module):
       @nnx.split_rngs(splits=cfg.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYERS)
       def make_stack(rngs):
-        return Block(cfg, rngs)
+        return Block(cfg, rngs, moe=cfg.num_experts > 0)  # validate(): all or none with scan
       self.blocks = make_stack(rngs)
     else:
-      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+      self.blocks = nnx.List([Block(cfg, rngs, moe=moe_lib.is_moe_layer(cfg, i))
+                              for i in range(cfg.num_layers)])
     self.final_norm = Norm(cfg)
     if not cfg.tie_embeddings:
       self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg, 0.02)
@@ -125,7 +127,11 @@ class Transformer(nnx.Module):
     return unembed(x, self.unembedding(), self.cfg.dtype, names)
 
   def _run(self, tokens, positions, segment_ids, dropout_key, cached, neftune_alpha=0.0):
-    """-> (final hidden states [B, T, D], with `cached` the per-layer caches (k, v) updated)."""
+    """-> (final hidden states [B, T, D], with `cached` the per-layer caches (k, v) updated).
+
+    A forward pass without a cache leaves the MoE layers' mean stats on the model as `moe_aux`
+    (spjax.model.moe.objective reads them), whichever method ran it.
+    """
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D] in param dtype
     if dropout_key is not None and neftune_alpha:  # its own key; the layers' keys as without it
@@ -156,17 +162,22 @@ class Transformer(nnx.Module):
                          0 if cached is not None else None),
                 out_axes=(nnx.Carry, 0), transform_metadata=_LAYERS)
       def run_stack(x, block, key, layer_kv):
-        return layer(block, x, key, layer_kv)
-      x, new_kv = run_stack(x, self.blocks, keys, stacked)
+        x, kv, stats = layer(block, x, key, layer_kv)
+        return x, (kv, stats)
+      x, (new_kv, stats) = run_stack(x, self.blocks, keys, stacked)  # stats: {name: [L]}
+      per_layer_stats = [stats]
       if cached is not None:
         new_kv = tuple(tuple(jnp.unstack(a)) for a in new_kv)
     else:
-      per_layer = []
+      per_layer, per_layer_stats = [], []
       for i, block in enumerate(self.blocks):
         layer_kv = None if cached is None else (cached[0].k[i], cached[0].v[i])
-        x, kv = layer(block, x, None if keys is None else keys[i], layer_kv)
+        x, kv, stats = layer(block, x, None if keys is None else keys[i], layer_kv)
         per_layer.append(kv)
+        per_layer_stats.append(stats)
       new_kv = None if cached is None else tuple(zip(*per_layer))  # ((k per layer), (v per layer))
+    if cfg.num_experts and cached is None:
+      self.moe_aux = moe_lib.Aux(moe_lib.mean_stats(per_layer_stats))
     return self.final_norm(x), new_kv
 
 

@@ -42,6 +42,12 @@ PRESETS = {
     # reduce-scatter plus an all-gather (same bytes), and norms and the residual memory shrink by
     # the tensor size (Megatron sequence parallelism's trade, on d_model because `length` is shared
     # by every activation).
+    # Expert parallelism inside FSDP (mixture-of-experts models, spjax/model/moe.py): each expert's
+    # weights live on one slice of the `expert` axis, which splits the batch everywhere outside
+    # the experts; dispatched tokens move to their expert's devices and back (all-to-all). Dense
+    # weights split over `fsdp` only, so `expert` holds copies of them.
+    "fsdp_ep": Layout.from_rules({"batch": ("data", "fsdp", "expert"), "expert": "expert"} | _FSDP,
+                                 "fsdp_ep", mesh={"fsdp": -1, "expert": 2}),
     "fsdp_tp_rs": Layout.from_rules(_BATCH | _FSDP | _TENSOR | {"act_embed": "tensor"},
                                     "fsdp_tp_rs", mesh={"fsdp": -1, "tensor": 2}),
     # Pipeline parallelism: the layer stack splits into stages over `stage` (spjax/parallel/

@@ -36,11 +36,17 @@ def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float
   forward, so 12 * L * T * H * Dh for training; the causal mask skips half of it (MaxText's
   convention), leaving 6 * L * T * H * Dh. L = num_layers, T = seq_len, H = num_heads,
   Dh = head_dim, KV = num_kv_heads.
+
+  Mixture-of-experts layers count the weights a token is multiplied by: experts_per_token
+  experts' MLPs plus the router (d_model x num_experts); dispatch and combine are not counted.
   """
   m = model_cfg
   attention = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o, k, v
   mlp = (3 if m.gated_mlp else 2) * m.d_model * m.mlp_dim  # SwiGLU, or GeLU's up and down
   n = m.num_layers * (attention + mlp) + m.d_model * m.vocab_size
+  if getattr(m, "num_experts", 0):  # each MoE layer: k experts' MLPs and the router, not one MLP
+    moe_layers = m.num_layers // m.moe_every
+    n += moe_layers * ((m.experts_per_token - 1) * mlp + m.d_model * m.num_experts)
   return float(6 * n + 6 * m.num_layers * seq_len * m.num_heads * m.head_dim)
 
 

@@ -21,6 +21,7 @@ from spjax.convert import hf
 from spjax.convert import workdir
 from spjax.model import attention
 from spjax.model import model as model_lib
+from spjax.model import moe
 from spjax.parallel import layouts, pipeline, sharding
 from spjax.train import optim
 from spjax.train import step as step_lib
@@ -231,7 +232,11 @@ def build(config, devices=None) -> Program:
     hf.check_matches(config.init_from, model_cfg)
   layout = layouts.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)
-  pipeline.schedule(config, model_cfg, layout, mesh)  # its errors name the field, before placement
+  if pipeline.schedule(config, model_cfg, layout, mesh) and model_cfg.num_experts:
+    raise ValueError(f"layout {layout.source!r} pipelines the layers, which has no path for the "
+                     f"mixture-of-experts losses yet; set model.num_experts=0 or use a layout that "
+                     f"does not map 'layers' to 'stage' (fsdp_ep)")
+  moe.check_layout(model_cfg, layout, mesh)
   # Resolved before the model is built: the graphdef carries the attention the steps will trace.
   model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
       model_cfg, config.seq_len, layout, mesh))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from spjax.model import moe as moe_lib
 from spjax.parallel.sharding import constrain
 from spjax.train import loss as loss_lib
 
@@ -37,14 +38,16 @@ def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, *,
     hidden = model.hidden(*args, dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, D]
     nll_sum, z_sum = loss_lib.chunked_nll_sums(hidden, model.unembedding(), batch["targets"], mask,
                                                loss_chunk, model.cfg.dtype)
-    return (nll_sum + z_loss * z_sum) * scale, (nll_sum, jnp.sum(mask))
-  logits = model(*args, dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, V] float32
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  nll_sum = jnp.sum((log_z - target_logit) * mask)
+  else:
+    logits = model(*args, dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, V] f32
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    nll_sum = jnp.sum((log_z - target_logit) * mask)
+    z_sum = jnp.sum(jnp.square(log_z) * mask)
+  count = jnp.sum(mask)
   # z-loss (PaLM) pulls log Z towards 0 so bf16 logits stay in range; added to the objective only.
-  objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * mask)
-  return objective * scale, (nll_sum, jnp.sum(mask))
+  objective, logged = moe_lib.add_aux(model, (nll_sum + z_loss * z_sum) * scale, count, scale)
+  return objective, (nll_sum, count, logged)
 
 
 def _microbatches(batch, n: int):
@@ -60,7 +63,8 @@ def train_step(state, batch, frozen=None, *, graphdef, tx, schedule, seed: int,
                objective=None, trainable=nnx.Param, neftune_alpha: float = 0.0):
   """One optimizer step. `objective` (e.g. distillation's) replaces `loss_sums`: it takes the same
   arguments plus `frozen` (arrays it reads but does not train: a teacher's params) and returns
-  (objective * scale, (nll sum, {name: sum})); each sum is logged per token as metrics[name]."""
+  as it does (objective * scale, (nll sum, token count, {name: value})); each value is summed over
+  microbatches and logged as metrics[name]."""
   step = state["step"]
   params, base = nnx.split_state(state["params"], trainable, ...)
   key = jax.random.fold_in(jax.random.key(seed), step)  # dropout differs per step, same per layout
@@ -72,7 +76,7 @@ def train_step(state, batch, frozen=None, *, graphdef, tx, schedule, seed: int,
   # Trained targets of the whole global batch (every microbatch), so microbatch gradients add up.
   tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
   if grad_accum_steps == 1:
-    grads, (nll_sum, sums) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
+    grads, (nll_sum, _, logged) = grad_fn(params, graphdef, batch, key, z_loss, 1.0 / tokens)
   else:
     def accumulate(acc_g, xs):
       i, micro = xs
@@ -81,7 +85,7 @@ def train_step(state, batch, frozen=None, *, graphdef, tx, schedule, seed: int,
     zeros = jax.tree.map(jnp.zeros_like, params)
     xs = (jnp.arange(grad_accum_steps), _microbatches(batch, grad_accum_steps))
     grads, auxs = jax.lax.scan(accumulate, zeros, xs)
-    nll_sum, sums = jax.tree.map(lambda a: jnp.sum(a, axis=0), auxs)  # over microbatches
+    nll_sum, _, logged = jax.tree.map(lambda a: jnp.sum(a, axis=0), auxs)  # over microbatches
 
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = nnx.merge_state(optax.apply_updates(params, updates), base)
@@ -91,13 +95,11 @@ def train_step(state, batch, frozen=None, *, graphdef, tx, schedule, seed: int,
         jax.tree.map(lambda p: p.astype(jnp.float32), new_params), state["ema_params"],
         1.0 - ema_decay)
   metrics = {"loss": nll_sum / tokens, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(step), "tokens": tokens}
-  if objective is not None:
-    metrics |= {name: value / tokens for name, value in sums.items()}
+             "learning_rate": schedule(step), "tokens": tokens, **logged}
   return new_state, metrics
 
 
 def eval_step(params, batch, *, graphdef, loss_chunk: int = 0):
   """Summed loss and token count of one batch; the caller divides after summing batches."""
-  _, (nll_sum, tokens) = loss_sums(params, graphdef, batch, None, 0.0, loss_chunk=loss_chunk)
+  _, (nll_sum, tokens, _) = loss_sums(params, graphdef, batch, None, 0.0, loss_chunk=loss_chunk)
   return {"nll_sum": nll_sum, "tokens": tokens}

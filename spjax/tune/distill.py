@@ -29,6 +29,7 @@ from spjax.convert import hf
 from spjax.convert import workdir as workdir_lib
 from spjax.model import attention
 from spjax.model import model as model_lib
+from spjax.model import moe
 from spjax.parallel import sharding
 
 
@@ -202,7 +203,7 @@ def distill_sums(student, teacher, student_h, teacher_h, targets, mask, settings
 def objective(params, graphdef, batch, dropout_key, z_loss: float, scale, teacher_params, *,
               teacher_graphdef, settings: Settings, base=None, neftune_alpha: float = 0.0):
   """As `step.loss_sums` (`base`: a LoRA student's frozen weights): (objective * scale,
-  (nll sum, {"kl": sum, "ce": sum}))."""
+  (nll sum, token count, {"kl", "ce": sums x scale, i.e. this microbatch's share of the means}))."""
   student = nnx.merge(graphdef, params, *([] if base is None else [base]), copy=True)
   teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
   args = (batch["inputs"], batch["positions"], batch["segment_ids"])
@@ -212,5 +213,7 @@ def objective(params, graphdef, batch, dropout_key, z_loss: float, scale, teache
   nll, kl, log_z_sq = distill_sums(student, teacher, student_h, teacher_h, batch["targets"],
                                    loss_mask(batch), settings)
   a, t = settings.alpha, settings.temperature
-  total = a * t * t * kl + (1 - a) * nll + z_loss * log_z_sq
-  return total * scale, (nll, {"kl": kl, "ce": nll})
+  total = (a * t * t * kl + (1 - a) * nll + z_loss * log_z_sq) * scale
+  count = jnp.sum(loss_mask(batch))
+  total, logged = moe.add_aux(student, total, count, scale)  # an MoE student's aux losses
+  return total, (nll, count, {"kl": kl * scale, "ce": nll * scale, **logged})

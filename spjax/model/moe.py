@@ -1,0 +1,210 @@
+"""Mixture-of-experts MLP: a router sends each token to its top-k experts (Mixtral/GShard style).
+
+Two ways to run the experts, picked by `model.capacity_factor`:
+
+- capacity (> 0): each expert takes at most C = ceil(factor * T * k / E) tokens of each sequence,
+  first choices before second choices, earlier positions first; the rest are dropped (their MLP
+  output is zero, the residual carries them). Dispatch and combine are einsums over one-hot tensors
+  with static shapes, so plain GSPMD partitions them: the dispatched tokens [B, E, C, D] are pinned
+  with experts on the `expert` mesh axes and the batch on the remaining batch axes, which makes
+  the partitioner exchange tokens between expert shards (an all-to-all) around the expert matmuls.
+- dropless (0): the B * T * k assignments are sorted by expert and the experts run as grouped
+  matmuls (`jax.lax.ragged_dot`); nothing is dropped. The sort is global, so under a sharded
+  layout the partitioner gathers tokens for it: exact, but not yet an expert-parallel schedule.
+
+Router logits, probabilities and every statistic are float32. Each MoE layer reports three scalars
+over the real (segment id > 0) tokens, averaged over MoE layers by the model:
+- `lb_loss`: E * sum_e f_e * P_e (Switch Transformer), f_e the share of token-to-expert
+  assignments that expert e received (sums to 1), P_e its mean router probability; 1.0 when
+  balanced, E when every token picks the same experts.
+- `z_loss`: mean of logsumexp(router logits)^2 (ST-MoE), keeps router logits small.
+- `dropped_fraction`: the share of assignments that did not fit in their expert's capacity.
+Padding tokens (segment id 0) are routed nowhere: they take no capacity and get a zero output.
+
+Shapes: B batch, T length, D d_model, F mlp_dim, E experts, k experts per token, C capacity,
+N = B * T tokens.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec
+
+from spjax.model.config import ACTIVATIONS, ModelConfig
+
+STATS = ("lb_loss", "z_loss", "dropped_fraction")
+
+
+def capacity(cfg: ModelConfig, seq_len: int) -> int:
+  """Slots per expert per sequence on the capacity path (<= T: a token visits an expert once)."""
+  c = math.ceil(cfg.capacity_factor * seq_len * cfg.experts_per_token / cfg.num_experts)
+  return max(1, min(seq_len, c))
+
+
+def is_moe_layer(cfg: ModelConfig, layer: int) -> bool:
+  return cfg.num_experts > 0 and (layer + 1) % cfg.moe_every == 0
+
+
+def _entry(axes):
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def constrain_dispatched(x, last: str):
+  """Pins dispatched tokens [B, E, C, D | F] to the active layout: E where the experts' weights
+  live, B over the batch's mesh axes minus those (inside the block `expert` stops splitting the
+  batch), the last dim as logical axis `last`. A no-op without rules and mesh, like `constrain`."""
+  rules = flax_spmd.get_logical_axis_rules()
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return x
+  table = {k: () if v is None else (v,) if isinstance(v, str) else tuple(v) for k, v in rules}
+  experts = table.get("expert", ())
+  batch = tuple(a for a in table.get("batch", ()) if a not in experts)
+  rest = tuple(a for a in table.get(last, ()) if a not in experts + batch)
+  spec = PartitionSpec(_entry(batch), _entry(experts), None, _entry(rest))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+class MoE(nnx.Module):
+  """Top-k routed experts, each an MLP like spjax.model.layers.MLP (gated or not, no biases)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    from spjax.model.layers import param  # layers imports this module
+    self.cfg = cfg
+    e, d, f = cfg.num_experts, cfg.d_model, cfg.mlp_dim
+    self.router = param(rngs, (d, e), ("embed", None), cfg, 0.02)
+    if cfg.gated_mlp:
+      self.gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), cfg, 0.02)
+    self.up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), cfg, 0.02)
+    self.down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), cfg,
+                      0.02 / math.sqrt(2 * cfg.num_layers))
+
+  def route(self, x, valid):
+    """x [B, T, D], valid [B, T] bool -> (weights [B, T, k] f32, experts [B, T, k] int, stats)."""
+    cfg = self.cfg
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32),
+                        self.router[...].astype(jnp.float32))  # [B, T, E]
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, cfg.experts_per_token)  # [B, T, k]
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)  # renormalised (Mixtral)
+    v = valid.astype(jnp.float32)
+    weights = weights * v[..., None]
+    n = jnp.maximum(jnp.sum(v), 1.0)
+    chosen = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts), axis=2) * v[..., None]  # [B, T, E]
+    share = jnp.sum(chosen, axis=(0, 1)) / (n * cfg.experts_per_token)  # [E], sums to 1
+    mean_prob = jnp.sum(probs * v[..., None], axis=(0, 1)) / n  # [E]
+    stats = {"lb_loss": cfg.num_experts * jnp.sum(share * mean_prob),
+             "z_loss": jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * v) / n}
+    return weights, experts, stats
+
+  def _experts_dense(self, h, spec):  # h [..., E, C, D] -> [..., E, C, D], one MLP per expert
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    def proj(name):
+      return jnp.einsum(f"{spec},edf->{spec[:-1]}f", h, getattr(self, name)[...].astype(dt))
+    a = ACTIVATIONS[cfg.mlp_activation](proj("gate" if cfg.gated_mlp else "up"))
+    if cfg.gated_mlp:
+      a = a * proj("up")
+    a = constrain_dispatched(a, "act_mlp")  # [B, E, C, F]
+    return jnp.einsum(f"{spec[:-1]}f,efd->{spec}", a, self.down[...].astype(dt))
+
+  def __call__(self, x, segment_ids):
+    """x [B, T, D], segment_ids [B, T] -> (y [B, T, D], {stat: float32 []})."""
+    valid = segment_ids > 0
+    weights, experts, stats = self.route(x, valid)
+    if self.cfg.capacity_factor > 0:
+      y, dropped = self._capacity(x, valid, weights, experts)
+    else:
+      y, dropped = self._dropless(x, weights, experts), jnp.zeros((), jnp.float32)
+    return y.astype(x.dtype), {**stats, "dropped_fraction": dropped}
+
+  def _capacity(self, x, valid, weights, experts):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, t, _ = x.shape
+    k, c = cfg.experts_per_token, capacity(cfg, t)
+    onehot = jax.nn.one_hot(experts, cfg.num_experts, dtype=jnp.int32)  # [B, T, k, E]
+    onehot = onehot * valid[:, :, None, None]
+    # Priority: every token's first choice before any second choice, then position in the row.
+    order = onehot.transpose(0, 2, 1, 3).reshape(b, k * t, -1)  # [B, k*T, E]
+    slot = jnp.sum((jnp.cumsum(order, axis=1) - 1) * order, axis=-1)  # [B, k*T]
+    slot = slot.reshape(b, k, t).transpose(0, 2, 1)  # [B, T, k]: its place in its expert's queue
+    kept = (slot < c) & valid[..., None]  # [B, T, k]
+    in_slot = jax.nn.one_hot(jnp.where(kept, slot, c), c, dtype=jnp.float32)  # [B, T, k, C]
+    dispatch = jnp.einsum("btke,btkc->btec", onehot.astype(jnp.float32), in_slot)  # [B, T, E, C]
+    combine = jnp.einsum("btke,btkc,btk->btec", onehot.astype(jnp.float32), in_slot, weights)
+    routed = jnp.einsum("btec,btd->becd", dispatch.astype(dt), x)  # [B, E, C, D]
+    out = self._experts_dense(constrain_dispatched(routed, "act_embed"), "becd")
+    out = constrain_dispatched(out, "act_embed")
+    y = jnp.einsum("becd,btec->btd", out, combine.astype(dt))  # [B, T, D]
+    n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32) * k
+    dropped = 1.0 - jnp.sum(kept.astype(jnp.float32)) / n
+    return y, dropped
+
+  def _dropless(self, x, weights, experts):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    b, t, d = x.shape
+    k = cfg.experts_per_token
+    flat = experts.reshape(-1)  # [N*k]: assignment i is token i // k's (i % k)-th choice
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+    sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)  # [E]
+    tokens = x.reshape(b * t, d)[order // k]  # [N*k, D], sorted by expert
+    def proj(h, name):
+      return jax.lax.ragged_dot(h, getattr(self, name)[...].astype(dt), sizes)
+    a = ACTIVATIONS[cfg.mlp_activation](proj(tokens, "gate" if cfg.gated_mlp else "up"))
+    if cfg.gated_mlp:
+      a = a * proj(tokens, "up")  # [N*k, F]
+    out = proj(a, "down")  # [N*k, D], sorted
+    out = jnp.zeros_like(out).at[order].set(out).reshape(b, t, k, d)  # back to token order
+    return jnp.einsum("btkd,btk->btd", out, weights.astype(dt))
+
+
+def mean_stats(per_layer: list) -> dict:
+  """Averages the MoE layers' stats ({stat: [] or [L]}) into {stat: []}; {} for a dense model."""
+  per_layer = [s for s in per_layer if s]
+  if not per_layer:
+    return {}
+  return {k: jnp.mean(jnp.concatenate([jnp.atleast_1d(s[k]) for s in per_layer])) for k in STATS}
+
+
+class Aux(nnx.Intermediate):
+  """The last forward pass's MoE stats, left on the model for the train step (see `add_aux`)."""
+
+
+def objective_terms(model) -> tuple:
+  """(weighted aux loss [] to add to the per-token-mean objective, {"moe_<stat>": []} to log) of
+  the model's last forward pass; (None, {}) for a dense model."""
+  aux = getattr(model, "moe_aux", None)
+  if aux is None:
+    return None, {}
+  stats, cfg = aux.get_value(), model.cfg
+  loss = cfg.moe_lb_loss_weight * stats["lb_loss"] + cfg.moe_z_loss_weight * stats["z_loss"]
+  return loss, {f"moe_{k}": v for k, v in stats.items()}
+
+
+def add_aux(model, objective, count, scale) -> tuple:
+  """(`objective` plus the aux losses of the model's last forward pass, {"moe_<stat>": value}).
+
+  The losses and stats are means over that (micro)batch of `count` tokens; both are weighted by its
+  share of the whole batch's tokens (count x scale, scale = 1 / batch tokens), so summing
+  microbatches gives token-weighted means. A dense model: (objective, {}).
+  """
+  loss, stats = objective_terms(model)
+  if loss is None:
+    return objective, {}
+  share = count * scale
+  return objective + loss * share, {name: value * share for name, value in stats.items()}
+
+
+def check_layout(cfg: ModelConfig, layout, mesh) -> None:
+  """Raises ValueError, naming the field, when the experts cannot split as the layout says."""
+  if cfg.num_experts == 0:
+    return
+  axes = layout.axes_for("expert")
+  parts = math.prod(mesh.shape[a] for a in axes)
+  if cfg.num_experts % parts:
+    sizes = " x ".join(f"mesh.ici/dcn.{a}={mesh.shape[a]}" for a in axes)
+    raise ValueError(f"model.num_experts ({cfg.num_experts}) must be divisible by the {parts} "
+                     f"expert shards of layout {layout.source!r} ({sizes}); change "
+                     "model.num_experts or the expert mesh size")
