@@ -53,7 +53,7 @@ def make_batch(prog):
   tokens = np.random.default_rng(0).integers(0, prog.model_cfg.vocab_size, (b, t + 1),
                                              dtype=np.int32)
   host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "segment_ids": np.ones((b, t), np.int32),
+          "segment_ids": np.ones((b, t), np.int32), "loss_mask": np.ones((b, t), np.int32),
           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))}
   return {k: jax.device_put(v, prog.batch_sharding) for k, v in host.items()}
 
