@@ -62,7 +62,9 @@ def test_layouts_give_the_same_losses_and_init(dp_run, layout):
   ref_losses, ref_params, _ = dp_run
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)  # bitwise: same seed, any layout
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  assert ref_losses[-1] < ref_losses[0] - 0.5  # and it is learning
+  # And it is learning: over the last 5 steps, so that one step's spike at the warmup's peak learning
+  # rate does not decide it (jax 0.12's CPU numerics meet one at step 20 and recover at step 21).
+  assert np.mean(ref_losses[-5:]) < ref_losses[0] - 0.5
   # The state really is distributed as the layout says (not silently replicated).
   if layout == "fsdp":
     q = state["params"]["blocks"]["attn"]["q"][...]
