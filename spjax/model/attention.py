@@ -186,9 +186,11 @@ class _BalancedCausalMask(splash_lib.CausalMask):
 def _context_kernel(heads: int, seq_len: int, cp: int, interpret: bool):
   """A kernel over all `seq_len` queries whose mask info splits into `cp` query shards."""
   mask = splash_lib.MultiHeadMask([_BalancedCausalMask(seq_len, cp)] * heads)
-  return splash_lib.make_splash_mha(mask, head_shards=1, q_seq_shards=cp,
-                                    block_sizes=_block_sizes(min(BLOCK, seq_len // cp)),
-                                    residual_checkpoint_name=RESIDUALS, interpret=interpret)
+  # Concrete mask-info arrays even when first built inside a trace: the cached kernel outlives it.
+  with jax.ensure_compile_time_eval():
+    return splash_lib.make_splash_mha(mask, head_shards=1, q_seq_shards=cp,
+                                      block_sizes=_block_sizes(min(BLOCK, seq_len // cp)),
+                                      residual_checkpoint_name=RESIDUALS, interpret=interpret)
 
 
 def _context_parallel(q, k, v, segment_ids, mesh, q_spec, kv_spec, seg_spec):
