@@ -160,11 +160,9 @@ def local_scripts(opts, train: list[str], port: int) -> list[str]:
 
 def main(argv) -> int:
   import argparse
-  if "--" not in argv:
-    print("tpu_vm: put the training command after `--`", file=sys.stderr)
-    return 2
-  split = argv.index("--")
-  p = argparse.ArgumentParser(description="Launch spjax-train on every host of a TPU VM.")
+  p = argparse.ArgumentParser(epilog="usage: tools/tpu_vm.py --tpu=NAME --zone=Z [...] -- "
+                              "spjax-train --config=... --workdir=gs://BUCKET/run",
+                              description="Launch spjax-train on every host of a TPU VM.")
   p.add_argument("--tpu", help="TPU VM name (gcloud compute tpus tpu-vm list)")
   p.add_argument("--zone")
   p.add_argument("--project", default="")
@@ -176,6 +174,11 @@ def main(argv) -> int:
   p.add_argument("--local_processes", type=int, default=0, help="a local fleet of N processes")
   p.add_argument("--local_devices", type=int, default=4, help="simulated devices per process")
   p.add_argument("--log_dir", default="", help="local fleet: worker logs (default WORKDIR/logs)")
+  if "--" not in argv:
+    p.parse_args(argv)  # --help prints the usage and exits 0
+    print("tpu_vm: put the training command after `--`", file=sys.stderr)
+    return 2
+  split = argv.index("--")
   opts = p.parse_args(argv[:split])
   train = argv[split + 1:]
   try:
