@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spjax.model import attention as attention_lib
-from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
 from spjax.model import moe as moe_lib
+from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
 from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, neftune, param
 from spjax.parallel import pipeline
 from spjax.parallel.sharding import constrain
@@ -130,7 +130,7 @@ class Transformer(nnx.Module):
     """-> (final hidden states [B, T, D], with `cached` the per-layer caches (k, v) updated).
 
     A forward pass without a cache leaves the MoE layers' mean stats on the model as `moe_aux`
-    (spjax.model.moe.objective reads them), whichever method ran it.
+    (spjax.model.moe.add_aux reads them), whichever method ran it.
     """
     cfg = self.cfg
     x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D] in param dtype
