@@ -117,3 +117,14 @@ def test_other_architectures_exit_2_naming_the_field(trained_workdir, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
   assert "different architectures: vocabulary size is 1024 in" in result.stderr
+
+
+def test_a_merged_workdir_is_not_resumed_but_trained_from(trained_workdir, tmp_path):
+  from configs import default
+  from spjax.train import loop
+  merge.merge("uniform", [f"{trained_workdir}@10", f"{trained_workdir}@20"], str(tmp_path / "u"),
+              log=lambda _: None)
+  config = default.get_config("tiny")
+  config.model.dtype, config.ema_decay = "float32", 0.9
+  with pytest.raises(ValueError, match="parameters only.*config.init_from"):
+    loop.train_and_evaluate(config, str(tmp_path / "u"))

@@ -194,6 +194,10 @@ class Program:
     """The state saved at `step`, in this run's shardings. A LoRA checkpoint's base weights are
     rebuilt as at the start (from init_from, else the seed), once they are known to be the ones
     its adapters were trained on."""
+    if set(ckpt.metadata(step)) == {"params"}:  # spjax-merge / tools/quantize.py write these
+      raise ValueError(f"checkpoint step {step} holds parameters only (a merged or quantized "
+                       "workdir: no optimizer state or data position to resume); train from it "
+                       "in a new workdir with --config.init_from=<this workdir>")
     recorded = (ckpt.info(step) or {}).get("lora_base")
     if not self.config.lora.rank:
       if recorded is not None:
