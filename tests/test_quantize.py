@@ -109,6 +109,16 @@ def test_the_quantized_checkpoint_holds_integers_and_scales(quantized):
   assert sizes4["weights"] < sizes["weights"]
 
 
+def test_inspect_checkpoint_counts_int4_at_half_a_byte(quantized):
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import inspect_checkpoint
+  for bits in (8, 4):
+    row = next(line.split() for line in inspect_checkpoint.describe(str(quantized[bits])).splitlines()
+               if "params/blocks/mlp/up/value/qvalue " in line)
+    shape = [int(n.strip("(),")) for n in row[1:] if n.strip("(),").isdigit()]
+    assert row[-1] == f"{int(np.prod(shape)) * bits // 8:,}"
+
+
 def test_int8_logits_are_close_to_float_and_int4_further(trained_workdir, quantized):
   tokens = np.arange(64, dtype=np.int32).reshape(2, 32) * 13 % 1024
   logits = {}

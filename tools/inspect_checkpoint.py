@@ -29,6 +29,13 @@ _FILTER = flags.DEFINE_string("filter", "", "Only arrays whose path starts with 
 _SPARSITY = flags.DEFINE_bool("sparsity", False, "Also read the params: zeros per matrix.")
 
 
+
+def _bits(dtype) -> int:
+  """Bits per entry: int4/uint4 count as half a byte (packed on device) though numpy stores a byte."""
+  dtype = np.dtype(dtype)
+  return 4 if dtype.name in ("int4", "uint4", "float4_e2m1fn") else 8 * dtype.itemsize
+
+
 def describe(workdir: str, step: int | None = None, prefix: str = "") -> str:
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=1, save_every_steps=1)
   steps = ckpt.all_steps()
@@ -48,7 +55,7 @@ def describe(workdir: str, step: int | None = None, prefix: str = "") -> str:
     name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
     if not name.startswith(prefix):
       continue
-    nbytes = math.prod(meta.shape) * np.dtype(meta.dtype).itemsize
+    nbytes = -(-math.prod(meta.shape) * _bits(meta.dtype) // 8)
     spec = getattr(meta.sharding, "partition_spec", None)
     if getattr(meta.sharding, "axis_names", None) is not None:
       mesh = dict(zip(meta.sharding.axis_names, map(int, meta.sharding.shape)))
