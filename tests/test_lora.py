@@ -24,6 +24,8 @@ from spjax.train import program
 from spjax.train import step as step_lib
 from spjax.tune import lora
 
+import test_train
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,19 +37,8 @@ def tiny(**overrides):
 
 def run_layout(layout, steps=10, **overrides):
   """(losses, initial params, final state) of `steps` LoRA train steps on embedded-corpus data."""
-  cfg = tiny(layout=layout, **{"optimizer.warmup_steps": 2}, **overrides)
-  prog = program.build(cfg)
-  batches = iter(pipeline.make_dataset(cfg, "train", tokenizer.load(""),
-                                       batch_size=prog.global_batch))
-  with prog.activate():
-    state = prog.jit_init()()
-    init_params = jax.device_get(state["params"])
-    step_fn, losses = prog.jit_train_step(), []
-    for _ in range(steps):
-      batch = {k: jax.device_put(v, prog.batch_sharding) for k, v in next(batches).items()}
-      state, metrics = step_fn(state, batch)
-      losses.append(float(metrics["loss"]))
-  return np.array(losses), init_params, state
+  return test_train.run_layout(layout, steps, **{"lora.rank": 4, "optimizer.warmup_steps": 2,
+                                                  **overrides})
 
 
 @pytest.fixture(scope="module")
