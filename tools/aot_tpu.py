@@ -257,15 +257,19 @@ def table(r: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  # libtpu compiles for a described topology without TPU hardware; these stop it from asking a
-  # metadata server. Several compile-only processes may share one machine.
+def compile_only_environment() -> None:
+  """libtpu compiles for a described topology without TPU hardware; these stop it from asking a
+  metadata server. Several compile-only processes may share one machine."""
   for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-16"),
                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
     os.environ.setdefault(key, value)
   jax.config.update("jax_platforms", "cpu")  # the default backend; TPU only as a compile target
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  compile_only_environment()
   try:
     result = run(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, _DUMP_HLO.value,
                  _KERNEL_EFFICIENCY.value)

@@ -199,14 +199,11 @@ def _list(value: str, cast=str) -> list:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-16"),
-                     ("TPU_WORKER_HOSTNAMES", "localhost"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(key, value)
   import jax
   from jax.experimental import topologies
 
   import aot_tpu
-  jax.config.update("jax_platforms", "cpu")
+  aot_tpu.compile_only_environment()
   config, topology = _CONFIG.value, _TOPOLOGY.value
   # The overrides given as --config.x=v reach each compile too (the base config is re-read there).
   extra = [a for a in sys.argv[1:] if a.startswith("--config.")]
