@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> spjax models: Llama, GPT-NeoX and Mixtral, as safetensors + config.json.
+"""Hugging Face checkpoints <-> spjax models: Llama, GPT-NeoX, Mixtral; safetensors + config.json.
 
   model, cfg = from_pretrained("path/to/hf_dir")   # Llama-, GPTNeoX- or MixtralForCausalLM
   logits = model(tokens)                           # [B, T, V]

@@ -1,5 +1,5 @@
-"""Hugging Face Mixtral (MixtralForCausalLM) <-> spjax mixture-of-experts models: what spjax/convert/
-hf.py adds to its Llama mapping for this family.
+"""Hugging Face Mixtral (MixtralForCausalLM) <-> spjax mixture-of-experts models: what
+spjax/convert/hf.py adds to its Llama mapping for this family.
 
 A Mixtral layer is a Llama layer (no biases) whose MLP is `block_sparse_moe`: a router `gate`
 [E, D] and E SwiGLU experts, w1 (gate) and w3 (up) [F, D], w2 (down) [D, F]. spjax holds one
@@ -41,7 +41,7 @@ _FUSED = re.compile(r"(.*\.)mlp\.(gate\.weight|experts\.gate_up_proj|experts\.do
 
 
 def config_from_hf(hf: dict, dense: ModelConfig) -> ModelConfig:
-  """`dense`, the Llama reading of a Mixtral config.json, made the mixture of experts it describes."""
+  """`dense`, the Llama reading of a Mixtral config.json, made the mixture of experts it is."""
   window, longest = hf.get("sliding_window"), hf.get("max_position_embeddings", 4096 * 32)
   if window is not None and window < longest:
     raise ValueError(f"sliding_window={window} is smaller than max_position_embeddings={longest}: "
@@ -61,7 +61,7 @@ def config_from_hf(hf: dict, dense: ModelConfig) -> ModelConfig:
 
 
 def check(cfg: ModelConfig) -> None:
-  """Raises ValueError unless MixtralForCausalLM computes what this mixture-of-experts config does."""
+  """Raises ValueError unless MixtralForCausalLM computes what this MoE config does."""
   needs = {"norm": "rmsnorm", "gated_mlp": True, "parallel_residual": False, "rotary_pct": 1.0,
            "attn_bias": False, "moe_every": 1}
   wrong = [f"model.{name}={want!r} (config has {getattr(cfg, name)!r})"
