@@ -139,6 +139,10 @@ def test_config_round_trips():
                             moe_lb_loss_weight=0.04, moe_z_loss_weight=0.0, rope_theta=5e5,
                             dtype="float32")
   assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+  dense = dataclasses.replace(cfg, num_experts=0)  # the Llama branch Mixtral shares
+  for spjax_cfg, hf_class in ((cfg, transformers.MixtralConfig), (dense, transformers.LlamaConfig)):
+    fields = set(hf_class().to_dict()) | {"rope_theta"}  # the pre-5.0 spelling, also written
+    assert set(hf.config_to_hf(spjax_cfg)) <= fields, set(hf.config_to_hf(spjax_cfg)) - fields
   hf_cfg = transformers.MixtralConfig(**SMALL | {"num_experts_per_tok": 3}).to_dict()
   back = hf.config_to_hf(hf.config_from_hf(hf_cfg))
   for key in ("num_local_experts", "num_experts_per_tok", "hidden_size", "num_key_value_heads",

@@ -111,9 +111,9 @@ def config_to_hf(cfg: model_lib.ModelConfig) -> dict:
     out.update(num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                rms_norm_eps=cfg.norm_eps, mlp_bias=cfg.mlp_bias,
                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
-  if family == "mixtral":  # no biases anywhere, so no switches for them
-    del out["attention_bias"], out["mlp_bias"]
-    out.update(hf_mixtral.config_to_hf(cfg))
+    if family == "mixtral":  # no biases anywhere, so no switches for them
+      del out["attention_bias"], out["mlp_bias"]
+      out.update(hf_mixtral.config_to_hf(cfg))
   else:
     out.update(layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual,
                rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta,
