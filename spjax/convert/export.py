@@ -3,7 +3,8 @@
   spjax-convert-hf --workdir=/tmp/run --out=/tmp/run_hf [--step=N]
 
 A LoRA run is exported with its adapters merged into the kernels (W + A @ B * alpha / rank).
-Writes OUT/config.json (LlamaForCausalLM, or GPTNeoXForCausalLM for a NeoX-shaped model),
+Writes OUT/config.json (LlamaForCausalLM; GPTNeoXForCausalLM for a NeoX-shaped model,
+MixtralForCausalLM for a mixture of experts),
 OUT/model.safetensors and OUT/tokenizer.model (the run's SentencePiece model), so that
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)` and `spjax-generate --hf_dir=OUT` load it.
 The other direction needs no tool: `spjax.convert.hf.from_pretrained(hf_dir)` reads HF directories.

@@ -1,13 +1,14 @@
-"""Hugging Face checkpoints <-> spjax models: Llama family and GPT-NeoX, as safetensors + config.json.
+"""Hugging Face checkpoints <-> spjax models: Llama, GPT-NeoX, Mixtral; safetensors + config.json.
 
-  model, cfg = from_pretrained("path/to/hf_dir")   # LlamaForCausalLM or GPTNeoXForCausalLM
+  model, cfg = from_pretrained("path/to/hf_dir")   # Llama-, GPTNeoX- or MixtralForCausalLM
   logits = model(tokens)                           # [B, T, V]
   save_pretrained(model, cfg, "out_dir")           # transformers.AutoModelForCausalLM loads it
 
 Neither direction needs torch or transformers. Weight layouts: HF linear weights are [out, in]; spjax
 kernels are [in, out] with heads split out: q [D, H, Dh], k/v [D, K, Dh], o [H, Dh, D]. GPT-NeoX fuses
 q, k, v into one matrix interleaved per head ([H, 3, Dh] rows). Both use the rotate_half RoPE
-convention, as spjax does, so no permutation of the head features is needed.
+convention, as spjax does, so no permutation of the head features is needed. Mixtral is Llama with
+mixture-of-experts MLPs; its expert and router mapping is in spjax/convert/hf_mixtral.py.
 """
 
 import dataclasses
@@ -20,14 +21,15 @@ import numpy as np
 from flax import nnx
 
 from spjax import convert
-from spjax.convert import safetensors_io
+from spjax.convert import hf_mixtral, safetensors_io
 from spjax.model import model as model_lib
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
 _ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                 "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 _ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
-_PREFIX = {"llama": "model.", "gpt_neox": "gpt_neox."}
+_PREFIX = {"llama": "model.", "gpt_neox": "gpt_neox.", "mixtral": "model."}
 # Buffers some checkpoints carry that are not weights: recomputed by every implementation.
 _BUFFERS = re.compile(r".*(rotary_emb\.inv_freq|attention\.bias|attention\.masked_bias)$")
 
@@ -47,7 +49,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32",
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   if rope.get("rope_type", rope.get("type", "default")) != "default":
     raise ValueError(f"RoPE scaling {rope} is not supported; only plain RoPE")
-  act = hf.get("hidden_act", "silu" if family == "llama" else "gelu")
+  act = hf.get("hidden_act", "gelu" if family == "gpt_neox" else "silu")
   if act not in _ACT_FROM_HF:
     raise ValueError(f"hidden_act {act!r} is not supported; supported: {', '.join(_ACT_FROM_HF)}")
   heads, d = hf["num_attention_heads"], hf["hidden_size"]
@@ -55,11 +57,12 @@ def config_from_hf(hf: dict, *, dtype: str = "float32",
                 num_heads=heads, mlp_dim=hf["intermediate_size"], mlp_activation=_ACT_FROM_HF[act],
                 tie_embeddings=hf.get("tie_word_embeddings", False), dtype=dtype,
                 param_dtype=param_dtype)
-  if family == "llama":
+  if family in ("llama", "mixtral"):
+    default_theta = 1e6 if family == "mixtral" else 10_000.0  # what transformers assumes
     cfg = model_lib.ModelConfig(
         **common, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or d // heads,
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10_000.0)),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", default_theta)),
         norm_eps=hf.get("rms_norm_eps", 1e-6), attn_bias=hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False))
   else:
@@ -70,6 +73,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32",
         norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-5), gated_mlp=False,
         parallel_residual=hf.get("use_parallel_residual", True),
         attn_bias=hf.get("attention_bias", True), mlp_bias=True)
+  if family == "mixtral":
+    cfg = hf_mixtral.config_from_hf(hf, cfg)
   cfg.validate()
   return cfg
 
@@ -77,8 +82,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32",
 def family_of(cfg: model_lib.ModelConfig) -> str:
   """Which HF architecture computes exactly what this config does; ValueError if none."""
   if cfg.num_experts:
-    raise ValueError("no Hugging Face architecture is supported for mixture-of-experts models "
-                     f"(model.num_experts={cfg.num_experts}); only dense Llama and GPT-NeoX")
+    hf_mixtral.check(cfg)
+    return "mixtral"
   if (cfg.norm, cfg.gated_mlp, cfg.parallel_residual, cfg.rotary_pct) == ("rmsnorm", True, False,
                                                                           1.0):
     return "llama"
@@ -102,10 +107,13 @@ def config_to_hf(cfg: model_lib.ModelConfig) -> dict:
          "attention_bias": cfg.attn_bias, "tie_word_embeddings": cfg.tie_embeddings,
          "max_position_embeddings": 2048, "dtype": cfg.param_dtype,
          "rope_theta": cfg.rope_theta}  # the pre-5.0 spelling, for older transformers
-  if family == "llama":
+  if family in ("llama", "mixtral"):
     out.update(num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                rms_norm_eps=cfg.norm_eps, mlp_bias=cfg.mlp_bias,
                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    if family == "mixtral":  # no biases anywhere, so no switches for them
+      del out["attention_bias"], out["mlp_bias"]
+      out.update(hf_mixtral.config_to_hf(cfg))
   else:
     out.update(layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual,
                rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rope_theta,
@@ -127,6 +135,8 @@ _KINDS = {
     "heads_out": (lambda w, dh: w.T.reshape(-1, dh, w.shape[0]),  # [D, H*Dh] <-> [H, Dh, D]
                   lambda w, dh: w.reshape(-1, w.shape[-1]).T),
     "heads_bias": (lambda w, dh: w.reshape(-1, dh), lambda w, dh: w.reshape(-1)),  # [N*Dh] <-> [N, Dh]
+    "experts": (lambda w, dh: w.transpose(0, 2, 1),  # [E, out, in] <-> [E, in, out]
+                lambda w, dh: w.transpose(0, 2, 1)),
 }
 
 _LAYER = {
@@ -156,6 +166,10 @@ _LAYER = {
     },
 }
 
+_LAYER["mixtral"] = {**{k: v for k, v in _LAYER["llama"].items()
+                       if k.startswith(("attn_norm", "mlp_norm", "attn/")) and "bias" not in k},
+                    **hf_mixtral.LAYER}
+
 _GLOBAL = {
     "llama": {"embed": ("model.embed_tokens.weight", "copy"),
               "final_norm/scale": ("model.norm.weight", "copy"),
@@ -166,6 +180,7 @@ _GLOBAL = {
                  "final_norm/bias": ("gpt_neox.final_layer_norm.bias", "copy"),
                  "unembed": ("embed_out.weight", "linear")},
 }
+_GLOBAL["mixtral"] = _GLOBAL["llama"]
 _QKV = ("attention.query_key_value.", ("attention.q.", "attention.k.", "attention.v."))
 
 
@@ -239,6 +254,8 @@ def from_pretrained(hf_dir: str, *, dtype: str = "float32", param_dtype: str = "
   tensors = _split_qkv(_read_tensors(hf_dir), cfg.num_heads)
   if family == "gpt_neox" and "lm_head.weight" in tensors:  # the transformers 5 name of the head
     tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
+  if family == "mixtral":
+    tensors = hf_mixtral.stack_experts(tensors, cfg.num_experts, hf_dir)
 
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, nnx.Rngs(0))),
                                  nnx.Param)
@@ -273,7 +290,8 @@ def save_pretrained(model: model_lib.Transformer, cfg: model_lib.ModelConfig, ou
   """Writes out_dir/config.json and out_dir/model.safetensors (params in `cfg.param_dtype`).
 
   `extra_config` entries go into config.json as given, e.g. {"max_position_embeddings": seq_len,
-  "bos_token_id": 1, "eos_token_id": 2}.
+  "bos_token_id": 1, "eos_token_id": 2}. A mixture-of-experts model is written as Mixtral, which
+  routes dropless: what spjax computes with model.capacity_factor=0, whatever the run trained with.
   """
   family = family_of(cfg)
   tensors = {}
@@ -290,6 +308,8 @@ def save_pretrained(model: model_lib.Transformer, cfg: model_lib.ModelConfig, ou
       tensors[name] = np.ascontiguousarray(_KINDS[kind][1](w, cfg.head_dim))
   if family == "gpt_neox":
     tensors = _fuse_qkv(tensors, cfg.num_heads)
+  if family == "mixtral":
+    tensors = hf_mixtral.unstack_experts(tensors)
   os.makedirs(out_dir, exist_ok=True)
   safetensors_io.save(tensors, os.path.join(out_dir, "model.safetensors"), {"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
