@@ -28,6 +28,7 @@ import numpy as np
 from spjax.data import augment
 from spjax.data import instruct
 from spjax.data import mixtures
+from spjax.data import packed
 from spjax.data import sources
 from spjax.data import tokenizer as tokenizer_lib
 
@@ -128,6 +129,12 @@ def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, 
   # per-element polling of it cheap (BENCHMARKS.md, "Data throughput").
   # Instruction examples (instruct.py) come cut to seq_len, with their loss mask, which packing
   # carries along (padding it with 0).
+  if config.data.packed:  # rows packed at preparation (packed.py): nothing left to pack
+    if train and (augment.token_noise_on(config) or
+                  any(config.data.augment[f] > 0 for f in augment.TEXT_FIELDS)):
+      raise ValueError("data.augment changes documents, but data.packed rows were packed when "
+                       "the data was prepared: set the data.augment rates to 0 or data.packed=False")
+    return packed.batches(docs, batch_size)
   sft = sources.kind(config)[0] == "sft"
   features = ("inputs", "targets", "loss_mask") if sft else ("inputs", "targets")
   noise = train and augment.token_noise_on(config)
