@@ -85,6 +85,17 @@ def test_rows_hold_every_piece_once(tmp_path, seq_len, block_tokens):
   assert stats["tokens"] / rows[:, 2].size > 0.85  # first-fit fills rows
 
 
+def test_shuffle_is_a_new_permutation_every_epoch(monkeypatch):
+  import grain
+  for below in (packed.PERMUTE_BELOW, 0):  # a numpy permutation, and Grain's shuffle
+    monkeypatch.setattr(packed, "PERMUTE_BELOW", below)
+    ds = packed.shuffle(grain.MapDataset.range(50), seed=3).repeat(3)
+    epochs = [list(ds[i * 50:(i + 1) * 50]) for i in range(3)]
+    assert all(sorted(e) == list(range(50)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2] and epochs[0] != list(range(50))
+    assert list(packed.shuffle(grain.MapDataset.range(50), seed=3).repeat(3)) == sum(epochs, [])
+
+
 # --- the pipeline on packed rows ---
 
 @pytest.mark.parametrize("split, domain", [("train", "CommonCrawl"), ("validation", "Book")])

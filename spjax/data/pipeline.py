@@ -55,13 +55,14 @@ def _weights(config, domains: dict[str, sources.Domain], split: str) -> dict[str
 
 
 def _shard(docs: grain.MapDataset, split: str, seed: int, process_index: int,
-           process_count: int, num_epochs: int | None, what: str) -> grain.MapDataset:
+           process_count: int, num_epochs: int | None, what: str,
+           rows: bool = False) -> grain.MapDataset:
   shard = docs[process_index::process_count]
   if len(shard) == 0:
     raise ValueError(f"{what} split {split!r} has {len(docs)} documents, too few to give process "
                      f"{process_index} of {process_count} any")
-  if split == "train":
-    shard = shard.shuffle(seed=seed)
+  if split == "train":  # rows packed at preparation have a shuffle for small shards (packed.py)
+    shard = packed.shuffle(shard, seed) if rows else shard.shuffle(seed=seed)
   # Repeating the shuffled dataset (not the reverse) reseeds the shuffle every epoch.
   return shard.repeat(num_epochs)
 
@@ -79,7 +80,8 @@ def source(config, split: str, *, tokenizer: tokenizer_lib.Tokenizer | None = No
   domains = sources.load(config, split, tokenizer, process_count=process_count)
   weights = _weights(config, domains, split)
   shards = [_shard(domains[d].docs, split, config.seed, process_index, process_count, num_epochs,
-                   f"data.source {config.data.source!r} domain {d!r}") for d in weights]
+                   f"data.source {config.data.source!r} domain {d!r}", config.data.packed)
+            for d in weights]
   if len(shards) == 1:
     return shards[0]
   return grain.MapDataset.mix(shards, [w / domains[d].mean_length for d, w in weights.items()])
