@@ -262,15 +262,18 @@ def shuffle(rows: grain.MapDataset, seed: int) -> grain.MapDataset:
 def _to_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
   """[B, 3, T] rows -> the batch contract of pipeline.py (int32 [B, T] each)."""
   inputs, targets, segment_ids = np.asarray(rows, np.int32).transpose(1, 0, 2).copy()
-  t = np.arange(segment_ids.shape[1])
-  # A piece starts where the segment id changes; positions count from there.
-  starts = np.ones_like(segment_ids, bool)
+  # A piece starts where the segment id changes (and at every row's start); positions count from
+  # there. Over the flattened batch, so the starts are one run-length: repeat each start index.
+  starts = np.ones(segment_ids.shape, bool)
   starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-  positions = t - np.maximum.accumulate(np.where(starts, t, 0), axis=1)
+  first = np.flatnonzero(starts)
+  run = np.diff(first, append=starts.size)
+  positions = np.arange(starts.size, dtype=np.int32) - np.repeat(first.astype(np.int32), run)
   padding = segment_ids == 0
+  positions = positions.reshape(segment_ids.shape)
+  positions[padding] = 0
   return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-          "positions": np.where(padding, 0, positions).astype(np.int32),
-          "loss_mask": (~padding).astype(np.int32)}
+          "positions": positions, "loss_mask": (~padding).astype(np.int32)}
 
 
 def batches(rows: grain.MapDataset, batch_size: int) -> grain.IterDataset:
