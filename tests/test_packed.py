@@ -73,7 +73,7 @@ def test_rows_hold_every_piece_once(tmp_path, seq_len, block_tokens):
   stats = packed.write(str(tmp_path / "x.npy"), iter(docs), seq_len, 1, 2, np.uint16,
                        block_tokens=block_tokens)
   rows = np.load(tmp_path / "x.npy")
-  assert rows.shape == (stats["rows"], 3, seq_len) and rows.dtype == np.uint16
+  assert rows.shape == (stats["rows"], 4, seq_len) and rows.dtype == np.uint16
   assert stats["docs"] == len(docs) and stats["tokens"] == sum(len(d) + 1 for d in docs)
   batch = packed._to_batch(rows)
   assert sorted(_pieces([batch])) == sorted(_expected_pieces(docs, seq_len, 1, 2))
@@ -121,7 +121,7 @@ def test_batches_follow_the_contract_and_mixture(corpus, tok):
   for batch in itertools.islice(ds, 150):
     assert set(batch) == {"inputs", "targets", "segment_ids", "positions", "loss_mask"}
     assert all(v.shape == (16, SEQ_LEN) and v.dtype == np.int32 for v in batch.values())
-    rows = np.stack([batch["inputs"], batch["targets"], batch["segment_ids"]], axis=1)
+    rows = np.stack([batch[k] for k in packed.FIELDS], axis=1)
     for row in rows:
       tokens[domain_of[row.tobytes()]] += int(np.count_nonzero(row[2]))
   total = sum(tokens.values())
@@ -167,9 +167,9 @@ def test_packed_file_of_another_seq_len_or_missing(corpus, tmp_path):
   _, b = corpus
   copy = packed.directory(str(tmp_path), SEQ_LEN)
   shutil.copytree(packed.directory(b.data_dir, SEQ_LEN), copy)
-  other = np.zeros((3, 3, SEQ_LEN * 2), np.uint16)
+  other = np.zeros((3, 4, SEQ_LEN * 2), np.uint16)
   np.save(os.path.join(copy, "train_GitHub.npy"), other)
-  with pytest.raises(ValueError, match=r"train_GitHub.npy have shape \(3, 3, 128\).*seq_len 64"):
+  with pytest.raises(ValueError, match=r"train_GitHub.npy have shape \(3, 4, 128\).*seq_len 64"):
     packed.domains(str(tmp_path), SEQ_LEN, "train")
   os.remove(os.path.join(copy, "train_GitHub.npy"))
   with pytest.raises(ValueError, match="train_GitHub.npy are missing.*prepare_data.py"):

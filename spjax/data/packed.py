@@ -3,10 +3,12 @@ Python while training.
 
 For `slimpajama:DIR` prepared with token ids, `pack_prepared` packs each (split, domain) of the
 prepared copy once, for one `seq_len`, into
-  <prepared copy>/packed-<seq_len>/<split>_<domain>.npy   uint16|uint32 [rows, 3, seq_len]
+  <prepared copy>/packed-<seq_len>/<split>_<domain>.npy   uint16|uint32 [rows, 4, seq_len]
   <prepared copy>/packed-<seq_len>/packed.json            {"seq_len", "splits": {name: {"rows",
                                                            "tokens", "docs"}}} (tokens: real ones)
-Row r holds inputs [T], targets [T], segment_ids [T] (0 = padding). Documents become pieces exactly
+Row r holds inputs, targets, segment_ids (0 = padding) and positions, [T] each: the batch contract
+of pipeline.py but the loss mask, stored rather than computed, as computing positions took more
+time than reading the row. Documents become pieces exactly
 as pipeline.py cuts them ([bos] + ids + [eos], inputs = that[:-1], targets = that[1:], pieces of at
 most T pairs), and pieces are packed first-fit into up to NUM_OPEN_ROWS open rows, a block of
 BLOCK_TOKENS document tokens at a time.
@@ -32,7 +34,7 @@ import sys
 import grain
 import numpy as np
 
-FIELDS = ("inputs", "targets", "segment_ids")  # the rows' second axis
+FIELDS = ("inputs", "targets", "segment_ids", "positions")  # the rows' second axis
 NUM_OPEN_ROWS = 64        # rows a piece may go into; more waste less padding
 BLOCK_TOKENS = 1 << 24    # document tokens packed together (bounds the packer's memory: ~0.5 GB)
 # Below this many rows a shard is shuffled from a numpy permutation (`shuffle`), above by Grain.
@@ -80,7 +82,7 @@ def _first_fit(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarra
 
 def pack(docs: Sequence[np.ndarray], seq_len: int, bos: int, eos: int,
          dtype=np.uint32) -> np.ndarray:
-  """Token-id documents (without bos/eos) -> packed rows [rows, 3, seq_len] (FIELDS order)."""
+  """Token-id documents (without bos/eos) -> packed rows [rows, 4, seq_len] (FIELDS order)."""
   if not docs:
     return np.zeros((0, len(FIELDS), seq_len), dtype)
   pairs = np.array([len(d) + 1 for d in docs], np.int64)  # (input, target) pairs per document
@@ -100,10 +102,10 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, bos: int, eos: int,
   lengths = np.minimum(seq_len, pairs[piece_doc] - k * seq_len)  # [P]
   row, offset, segment, rows = _first_fit(lengths, seq_len)
   out = np.zeros((rows, len(FIELDS), seq_len), dtype)
-  start = 0
+  start, positions = 0, np.arange(seq_len, dtype=dtype)
   for r, o, s, n in zip(row.tolist(), offset.tolist(), segment.tolist(), lengths.tolist()):
     out[r, 0, o:o + n], out[r, 1, o:o + n] = inputs[start:start + n], targets[start:start + n]
-    out[r, 2, o:o + n] = s
+    out[r, 2, o:o + n], out[r, 3, o:o + n] = s, positions[:n]
     start += n
   return out
 
@@ -188,7 +190,7 @@ def _rows(path: str, seq_len: int, rows: int) -> np.ndarray:
 
 
 class _Rows(grain.MapDataset):
-  """A memory-mapped [rows, 3, T] array as a MapDataset: a read is a view of one row.
+  """A memory-mapped [rows, 4, T] array as a MapDataset: a read is a view of one row.
 
   Not MapDataset.source: its per-read bookkeeping (byte counts and latency metrics) took a third
   of the time per row.
@@ -211,7 +213,7 @@ class _Rows(grain.MapDataset):
 
 
 def domains(data_dir: str, seq_len: int, split: str) -> dict[str, tuple[grain.MapDataset, float]]:
-  """{domain: (rows [3, T] each, mean real tokens per row)} of `split`, packed for `seq_len`."""
+  """{domain: (rows [4, T] each, mean real tokens per row)} of `split`, packed for `seq_len`."""
   folder = directory(data_dir, seq_len)
   with open(os.path.join(folder, _META)) as f:
     meta = json.load(f)
@@ -260,20 +262,10 @@ def shuffle(rows: grain.MapDataset, seed: int) -> grain.MapDataset:
 
 
 def _to_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
-  """[B, 3, T] rows -> the batch contract of pipeline.py (int32 [B, T] each)."""
-  inputs, targets, segment_ids = np.asarray(rows, np.int32).transpose(1, 0, 2).copy()
-  # A piece starts where the segment id changes (and at every row's start); positions count from
-  # there. Over the flattened batch, so the starts are one run-length: repeat each start index.
-  starts = np.ones(segment_ids.shape, bool)
-  starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-  first = np.flatnonzero(starts)
-  run = np.diff(first, append=starts.size)
-  positions = np.arange(starts.size, dtype=np.int32) - np.repeat(first.astype(np.int32), run)
-  padding = segment_ids == 0
-  positions = positions.reshape(segment_ids.shape)
-  positions[padding] = 0
+  """[B, 4, T] rows -> the batch contract of pipeline.py (int32 [B, T] each)."""
+  inputs, targets, segment_ids, positions = np.asarray(rows, np.int32).transpose(1, 0, 2).copy()
   return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids,
-          "positions": positions, "loss_mask": (~padding).astype(np.int32)}
+          "positions": positions, "loss_mask": (segment_ids > 0).astype(np.int32)}
 
 
 def batches(rows: grain.MapDataset, batch_size: int) -> grain.IterDataset:

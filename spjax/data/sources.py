@@ -20,7 +20,7 @@
 Sources other than slimpajama have one domain, named "embedded", the TFDS name, "files" or "sft".
 A document is a str (tokenized on the fly) or, for SlimPajama prepared with `data.pretokenize`,
 the token ids without bos/eos (int array); with `data.packed` too, a "document" is a row packed at
-preparation, [3, seq_len] (packed.py), and Domain.mean_length its mean real tokens.
+preparation, [4, seq_len] (packed.py), and Domain.mean_length its mean real tokens.
 """
 
 import dataclasses
