@@ -9,7 +9,7 @@ document-length spread, 2 files a split) to a temporary directory, then times
   (b) pre-tokenized: data.source=slimpajama:DIR prepared with token ids (preparation not timed),
       array_record read + decode + pack, mixture as published;
   (c) pre-packed: the same with data.packed, rows packed for seq_len when preparing (packing timed
-      on its own, not in the rate), memory-mapped rows read + mixed + batched; drained for 5x (b)'s
+      on its own, not in the rate), memory-mapped rows read + mixed + batched; drained for 10x (b)'s
       batches (several epochs of rows), as one batch takes far less time;
 with (c) / (b) from the same run; and, to show where the time goes, each stage alone: zstd + JSON reading, SentencePiece encoding,
 array_record reading + TFDS decoding, and Grain's first-fit packing of in-memory token arrays.
@@ -139,7 +139,7 @@ def _run(args, root: str) -> None:
                           packed=True)
   with Clock() as c:
     n = _drain(pipeline.make_dataset(packed_config, "train", tok, batch_size=args.batch_size),
-               5 * batches)
+               10 * batches)
   _report("(c) packed rows -> batch (data.packed)", n, c)
   print(f"  (c) / (b): {n / c.wall / b_rate:.1f}x wall, {n / c.cpu / b_cpu_rate:.1f}x per CPU-s")
   if args.profile:
