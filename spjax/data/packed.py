@@ -42,6 +42,11 @@ PERMUTE_BELOW = 1 << 22
 _META = "packed.json"
 
 
+def enabled(config) -> bool:
+  """`data.packed`; False for configs saved by runs from before the field (spjax-eval's)."""
+  return bool(config.data.get("packed", False))
+
+
 def directory(data_dir: str, seq_len: int) -> str:
   return os.path.join(data_dir, f"packed-{seq_len}")
 

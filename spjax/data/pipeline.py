@@ -80,7 +80,7 @@ def source(config, split: str, *, tokenizer: tokenizer_lib.Tokenizer | None = No
   domains = sources.load(config, split, tokenizer, process_count=process_count)
   weights = _weights(config, domains, split)
   shards = [_shard(domains[d].docs, split, config.seed, process_index, process_count, num_epochs,
-                   f"data.source {config.data.source!r} domain {d!r}", config.data.packed)
+                   f"data.source {config.data.source!r} domain {d!r}", packed.enabled(config))
             for d in weights]
   if len(shards) == 1:
     return shards[0]
@@ -131,7 +131,7 @@ def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, 
   # per-element polling of it cheap (BENCHMARKS.md, "Data throughput").
   # Instruction examples (instruct.py) come cut to seq_len, with their loss mask, which packing
   # carries along (padding it with 0).
-  if config.data.packed:  # rows packed at preparation (packed.py): nothing left to pack
+  if packed.enabled(config):  # rows packed at preparation (packed.py): nothing left to pack
     if train and (augment.token_noise_on(config) or
                   any(config.data.augment[f] > 0 for f in augment.TEXT_FIELDS)):
       raise ValueError("data.augment changes documents, but data.packed rows were packed when "

@@ -36,6 +36,7 @@ import numpy as np
 from spjax.data import embedded
 from spjax.data import files
 from spjax.data import instruct
+from spjax.data import packed
 from spjax.data import tokenizer as tokenizer_lib
 
 KINDS = ("embedded", "slimpajama:DIR", "tfds:NAME", "files:GLOB", "sft:GLOB")
@@ -66,7 +67,7 @@ def load(config, split: str, tokenizer: tokenizer_lib.Tokenizer, *,
   if config.data.eval_source and name != "sft":
     raise ValueError(f"data.eval_source is for sft: sources; data.source {config.data.source!r} "
                      f"holds out its own validation split: leave data.eval_source empty")
-  if config.data.packed and not (name == "slimpajama" and config.data.pretokenize):
+  if packed.enabled(config) and not (name == "slimpajama" and config.data.pretokenize):
     raise ValueError(f"data.packed is for slimpajama:DIR sources with data.pretokenize=True; "
                      f"data.source is {config.data.source!r}"
                      f"{'' if config.data.pretokenize else ', data.pretokenize False'}")
@@ -103,7 +104,7 @@ def _slimpajama(config, source_dir, split, tokenizer, process_count) -> dict[str
   stats = b.info.metadata["splits"]
   valid = sorted({s.split("_")[0] for s in stats})
   _check_split(split, valid)
-  if config.data.packed:
+  if packed.enabled(config):
     return _packed(config, b, split, tokenizer, process_count)
   decode = (lambda ex: ex["tokens"]) if model else (lambda ex: ex["text"].decode("utf-8"))
   domains = {}
@@ -117,7 +118,6 @@ def _slimpajama(config, source_dir, split, tokenizer, process_count) -> dict[str
 
 def _packed(config, b, split, tokenizer, process_count) -> dict[str, Domain]:
   """The prepared copy's rows packed for `seq_len` (packed.py), packing them first if need be."""
-  from spjax.data import packed
   if not packed.is_packed(b.data_dir, config.seq_len):
     if process_count > 1:
       raise ValueError(f"{b.data_dir} has no rows packed for seq_len {config.seq_len}; a run of "
