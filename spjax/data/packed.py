@@ -37,8 +37,9 @@ import numpy as np
 FIELDS = ("inputs", "targets", "segment_ids", "positions")  # the rows' second axis
 NUM_OPEN_ROWS = 64        # rows a piece may go into; more waste less padding
 BLOCK_TOKENS = 1 << 24    # document tokens packed together (bounds the packer's memory: ~0.5 GB)
-# Below this many rows a shard is shuffled from a numpy permutation (`shuffle`), above by Grain.
-PERMUTE_BELOW = 1 << 22
+# Below this many rows a shard is shuffled from a numpy permutation (`shuffle`; <= 4 MB each, a
+# few cached), above by Grain.
+PERMUTE_BELOW = 1 << 20
 _META = "packed.json"
 
 

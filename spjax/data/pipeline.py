@@ -11,7 +11,8 @@ One batch (numpy, per process, B = batch_size rows, T = config.seq_len):
 Documents longer than T are cut into pieces of at most T (inputs, targets) pairs, so every token of
 a document is a target exactly once; a piece only attends within itself. Pieces are packed into rows
 by Grain's first-fit packing. Iterators are checkpointable: `get_state()` / `set_state()` resume on
-the exact next batch.
+the exact next batch. With `data.packed` (SlimPajama) the rows were packed when the data was
+prepared (packed.py): a read is a row, and sharding, shuffling and mixing below act on rows.
 
 Documents come from `data.source` (sources.py), one dataset per domain. Each domain is sharded by
 document across processes, and for training shuffled with `config.seed` (a new order every epoch)
