@@ -127,17 +127,17 @@ def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, 
             shuffle_bins: bool, train: bool = False) -> grain.IterDataset:
   """Documents (texts or token ids) -> packed batches of the contract above; `train` applies
   data.augment (augment.py) before and after tokenization."""
-  # Two threads read and tokenize ahead, in order (deterministic). SentencePiece lets go of the GIL,
-  # so on two cores they nearly double on-the-fly throughput; a short buffer keeps Grain's
-  # per-element polling of it cheap (BENCHMARKS.md, "Data throughput").
-  # Instruction examples (instruct.py) come cut to seq_len, with their loss mask, which packing
-  # carries along (padding it with 0).
   if packed.enabled(config):  # rows packed at preparation (packed.py): nothing left to pack
     if train and (augment.token_noise_on(config) or
                   any(config.data.augment[f] > 0 for f in augment.TEXT_FIELDS)):
       raise ValueError("data.augment changes documents, but data.packed rows were packed when "
                        "the data was prepared: set the data.augment rates to 0 or data.packed=False")
     return packed.batches(docs, batch_size)
+  # Two threads read and tokenize ahead, in order (deterministic). SentencePiece lets go of the GIL,
+  # so on two cores they nearly double on-the-fly throughput; a short buffer keeps Grain's
+  # per-element polling of it cheap (BENCHMARKS.md, "Data throughput").
+  # Instruction examples (instruct.py) come cut to seq_len, with their loss mask, which packing
+  # carries along (padding it with 0).
   sft = sources.kind(config)[0] == "sft"
   features = ("inputs", "targets", "loss_mask") if sft else ("inputs", "targets")
   noise = train and augment.token_noise_on(config)
