@@ -8,10 +8,9 @@ prepared copy once, for one `seq_len`, into
                                                            "tokens", "docs"}}} (tokens: real ones)
 Row r holds inputs, targets, segment_ids (0 = padding) and positions, [T] each: the batch contract
 of pipeline.py but the loss mask, stored rather than computed, as computing positions took more
-time than reading the row. Documents become pieces exactly
-as pipeline.py cuts them ([bos] + ids + [eos], inputs = that[:-1], targets = that[1:], pieces of at
-most T pairs), and pieces are packed first-fit into up to NUM_OPEN_ROWS open rows, a block of
-BLOCK_TOKENS document tokens at a time.
+time than reading the row. Documents become pieces exactly as pipeline.py cuts them ([bos] + ids +
+[eos], inputs = that[:-1], targets = that[1:], pieces of at most T pairs), and pieces are packed
+first-fit into up to NUM_OPEN_ROWS open rows, a block of BLOCK_TOKENS document tokens at a time.
 
 Reading (`domains`, `batches`): each (split, domain) is a memory-mapped random-access source of
 rows, so pipeline.py shards (every n-th row), shuffles, repeats and mixes rows with Grain's
@@ -137,17 +136,18 @@ def write(path: str, docs: Iterator[np.ndarray], seq_len: int, bos: int, eos: in
     # numpy leaves room in a header to grow the first axis in place: written now with 0 rows,
     # rewritten with the count at the end.
     np.lib.format.write_array_header_1_0(f, {**header, "shape": (0, len(FIELDS), seq_len)})
+    header_end = f.tell()
     for block in _blocks(docs, block_tokens):
       rows = pack(block, seq_len, bos, eos, dtype)
       f.write(rows.tobytes())
       stats["rows"] += len(rows)
       stats["tokens"] += int(np.count_nonzero(rows[:, 2]))
       stats["docs"] += len(block)
-    end = f.tell()
     f.seek(0)
     np.lib.format.write_array_header_1_0(f, {**header,
                                              "shape": (stats["rows"], len(FIELDS), seq_len)})
-    assert f.tell() <= end
+    if f.tell() != header_end:
+      raise RuntimeError(f"{path}: the .npy header of {stats['rows']} rows did not fit in place")
   return stats
 
 
