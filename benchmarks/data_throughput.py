@@ -1,4 +1,4 @@
-"""Input pipeline throughput: tokens/s of packed batches, on the fly and pre-tokenized.
+"""Input pipeline throughput: tokens/s of packed batches, on the fly, pre-tokenized, pre-packed.
 
   python benchmarks/data_throughput.py [--docs=3000 --seq_len=2048 --batch_size=16]
 
@@ -8,7 +8,10 @@ document-length spread, 2 files a split) to a temporary directory, then times
       batches are read; the clock starts before the files are read and decompressed;
   (b) pre-tokenized: data.source=slimpajama:DIR prepared with token ids (preparation not timed),
       array_record read + decode + pack, mixture as published;
-and, to show where the time goes, each stage alone: zstd + JSON reading, SentencePiece encoding,
+  (c) pre-packed: the same with data.packed, rows packed for seq_len when preparing (packing timed
+      on its own, not in the rate), memory-mapped rows read + mixed + batched; drained for 10x (b)'s
+      batches (several epochs of rows), as one batch takes far less time;
+with (c) / (b) from the same run; and, to show where the time goes, each stage alone: zstd + JSON reading, SentencePiece encoding,
 array_record reading + TFDS decoding, and Grain's first-fit packing of in-memory token arrays.
 Tokens are real tokens (padding excluded). "per CPU-s" divides by the process's CPU time, which
 holds still when other programs share the machine; wall-clock rates do not. --profile adds a
@@ -24,9 +27,9 @@ import tempfile
 import time
 
 import grain
-import ml_collections
 import numpy as np
 
+from configs import default
 from spjax.data import files
 from spjax.data import pipeline
 from spjax.data import synthetic
@@ -50,11 +53,11 @@ def _report(name: str, count: float, clock: Clock, unit: str = "tokens") -> None
         f"({count / 1e6:.2f} M in {clock.wall:.1f} s)", flush=True)
 
 
-def _config(source: str, cache_dir: str, seq_len: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "seed": 0, "seq_len": seq_len,
-      "data": {"source": source, "mixture": "", "tokenizer": "", "cache_dir": cache_dir,
-               "pretokenize": True, "bad_records": "raise", "shards": 0}})
+def _config(source: str, cache_dir: str, seq_len: int, packed: bool = False):
+  config = default.get_config("tiny")  # the training run's data fields, at their defaults
+  config.seq_len = seq_len
+  config.data.update({"source": source, "cache_dir": cache_dir, "packed": packed})
+  return config
 
 
 def _drain(ds, batches: int) -> int:
@@ -96,7 +99,7 @@ def _run(args, root: str) -> None:
   total_tokens = sum(map(len, ids))
   _report("SentencePiece encode (one thread)", total_tokens, c)
   with Clock() as c:
-    ds = pipeline.batches(grain.MapDataset.source(ids), _config("", "", args.seq_len), tok,
+    ds = pipeline.batches(grain.MapDataset.source(ids), _config("embedded", "", args.seq_len), tok,
                           args.batch_size, shuffle_bins=True)
     packed = sum(int(np.count_nonzero(b["segment_ids"])) for b in ds)
   _report("pieces + Grain first-fit packing of ids", packed, c)
@@ -125,6 +128,20 @@ def _run(args, root: str) -> None:
         _config(f"slimpajama:{source_dir}", os.path.join(root, "tfds"), args.seq_len), "train",
         tok, batch_size=args.batch_size), batches)
   _report("(b) array_record ids -> pack -> batch", n, c)
+  b_rate, b_cpu_rate = n / c.wall, n / c.cpu
+
+  from spjax.data import packed  # pylint: disable=g-import-not-at-top
+  with Clock() as prep:
+    packed.pack_prepared(b, args.seq_len, tok, log=lambda m: None)
+  print(f"  (packing rows of {args.seq_len} when preparing took {prep.wall:.1f} s: "
+        f"{total_tokens / prep.wall / 1e6:.1f} M tokens/s)")
+  packed_config = _config(f"slimpajama:{source_dir}", os.path.join(root, "tfds"), args.seq_len,
+                          packed=True)
+  with Clock() as c:
+    n = _drain(pipeline.make_dataset(packed_config, "train", tok, batch_size=args.batch_size),
+               10 * batches)
+  _report("(c) packed rows -> batch (data.packed)", n, c)
+  print(f"  (c) / (b): {n / c.wall / b_rate:.1f}x wall, {n / c.cpu / b_cpu_rate:.1f}x per CPU-s")
   if args.profile:
     ds = pipeline.make_dataset(
         _config(f"slimpajama:{source_dir}", os.path.join(root, "tfds"), args.seq_len), "train",

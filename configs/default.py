@@ -69,6 +69,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.tokenizer = ""             # SentencePiece .model path; "" = the tokenizer of the embedded corpus
   c.data.cache_dir = ""             # TFDS data_dir for prepared datasets; "" = ~/tensorflow_datasets
   c.data.pretokenize = True         # slimpajama: store token ids when preparing (False: keep text)
+  # slimpajama with pretokenize: read rows packed for seq_len when the data was prepared (a read is
+  # one row, no per-document Python; spjax/data/packed.py). False: pack documents while reading.
+  c.data.packed = False
   c.data.bad_records = "raise"      # bad input file or line: "raise" naming it, or "skip" and count
   # Document shards, each packed on its own (0 = one per process). A fixed number (a multiple of
   # the process count) gives the same global batches whatever the number of processes.

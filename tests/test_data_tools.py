@@ -27,8 +27,9 @@ def test_train_tokenizer_then_prepare(tmp_path):
   tok = tokenizer_lib.load(str(tmp_path / "sp.model"))
   assert tok.vocab_size == 600
   run = _run("prepare_data.py", *data, f"--config.data.tokenizer={tmp_path / 'sp.model'}",
-             "--workers=2")
+             "--workers=2", "--config.data.packed=True", "--config.seq_len=96")
   assert run.returncode == 0, run.stderr
   assert "train_CommonCrawl" in run.stdout and "tokens" in run.stdout
   assert "4 files, 0 already done" in run.stderr  # two files in each of two splits
   assert "4/4" in run.stderr  # the progress bar reached the end
+  assert "packed rows of 96 tokens in" in run.stdout and "train_GitHub" in run.stderr

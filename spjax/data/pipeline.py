@@ -11,7 +11,8 @@ One batch (numpy, per process, B = batch_size rows, T = config.seq_len):
 Documents longer than T are cut into pieces of at most T (inputs, targets) pairs, so every token of
 a document is a target exactly once; a piece only attends within itself. Pieces are packed into rows
 by Grain's first-fit packing. Iterators are checkpointable: `get_state()` / `set_state()` resume on
-the exact next batch.
+the exact next batch. With `data.packed` (SlimPajama) the rows were packed when the data was
+prepared (packed.py): a read is a row, and sharding, shuffling and mixing below act on rows.
 
 Documents come from `data.source` (sources.py), one dataset per domain. Each domain is sharded by
 document across processes, and for training shuffled with `config.seed` (a new order every epoch)
@@ -28,6 +29,7 @@ import numpy as np
 from spjax.data import augment
 from spjax.data import instruct
 from spjax.data import mixtures
+from spjax.data import packed
 from spjax.data import sources
 from spjax.data import tokenizer as tokenizer_lib
 
@@ -54,13 +56,14 @@ def _weights(config, domains: dict[str, sources.Domain], split: str) -> dict[str
 
 
 def _shard(docs: grain.MapDataset, split: str, seed: int, process_index: int,
-           process_count: int, num_epochs: int | None, what: str) -> grain.MapDataset:
+           process_count: int, num_epochs: int | None, what: str,
+           rows: bool = False) -> grain.MapDataset:
   shard = docs[process_index::process_count]
   if len(shard) == 0:
     raise ValueError(f"{what} split {split!r} has {len(docs)} documents, too few to give process "
                      f"{process_index} of {process_count} any")
-  if split == "train":
-    shard = shard.shuffle(seed=seed)
+  if split == "train":  # rows packed at preparation have a shuffle for small shards (packed.py)
+    shard = packed.shuffle(shard, seed) if rows else shard.shuffle(seed=seed)
   # Repeating the shuffled dataset (not the reverse) reseeds the shuffle every epoch.
   return shard.repeat(num_epochs)
 
@@ -78,7 +81,8 @@ def source(config, split: str, *, tokenizer: tokenizer_lib.Tokenizer | None = No
   domains = sources.load(config, split, tokenizer, process_count=process_count)
   weights = _weights(config, domains, split)
   shards = [_shard(domains[d].docs, split, config.seed, process_index, process_count, num_epochs,
-                   f"data.source {config.data.source!r} domain {d!r}") for d in weights]
+                   f"data.source {config.data.source!r} domain {d!r}", packed.enabled(config))
+            for d in weights]
   if len(shards) == 1:
     return shards[0]
   return grain.MapDataset.mix(shards, [w / domains[d].mean_length for d, w in weights.items()])
@@ -123,6 +127,12 @@ def batches(docs: grain.MapDataset, config, tokenizer: tokenizer_lib.Tokenizer, 
             shuffle_bins: bool, train: bool = False) -> grain.IterDataset:
   """Documents (texts or token ids) -> packed batches of the contract above; `train` applies
   data.augment (augment.py) before and after tokenization."""
+  if packed.enabled(config):  # rows packed at preparation (packed.py): nothing left to pack
+    if train and (augment.token_noise_on(config) or
+                  any(config.data.augment[f] > 0 for f in augment.TEXT_FIELDS)):
+      raise ValueError("data.augment changes documents, but data.packed rows were packed when "
+                       "the data was prepared: set the data.augment rates to 0 or data.packed=False")
+    return packed.batches(docs, batch_size)
   # Two threads read and tokenize ahead, in order (deterministic). SentencePiece lets go of the GIL,
   # so on two cores they nearly double on-the-fly throughput; a short buffer keeps Grain's
   # per-element polling of it cheap (BENCHMARKS.md, "Data throughput").

@@ -19,7 +19,8 @@
 
 Sources other than slimpajama have one domain, named "embedded", the TFDS name, "files" or "sft".
 A document is a str (tokenized on the fly) or, for SlimPajama prepared with `data.pretokenize`,
-the token ids without bos/eos (int array).
+the token ids without bos/eos (int array); with `data.packed` too, a "document" is a row packed at
+preparation, [4, seq_len] (packed.py), and Domain.mean_length its mean real tokens.
 """
 
 import dataclasses
@@ -35,6 +36,7 @@ import numpy as np
 from spjax.data import embedded
 from spjax.data import files
 from spjax.data import instruct
+from spjax.data import packed
 from spjax.data import tokenizer as tokenizer_lib
 
 KINDS = ("embedded", "slimpajama:DIR", "tfds:NAME", "files:GLOB", "sft:GLOB")
@@ -65,6 +67,10 @@ def load(config, split: str, tokenizer: tokenizer_lib.Tokenizer, *,
   if config.data.eval_source and name != "sft":
     raise ValueError(f"data.eval_source is for sft: sources; data.source {config.data.source!r} "
                      f"holds out its own validation split: leave data.eval_source empty")
+  if packed.enabled(config) and not (name == "slimpajama" and config.data.pretokenize):
+    raise ValueError(f"data.packed is for slimpajama:DIR sources with data.pretokenize=True; "
+                     f"data.source is {config.data.source!r}"
+                     f"{'' if config.data.pretokenize else ', data.pretokenize False'}")
   if name == "embedded":
     docs = embedded.documents(split)
     return {"embedded": Domain(grain.MapDataset.source(docs), np.mean([len(d) for d in docs]))}
@@ -98,6 +104,8 @@ def _slimpajama(config, source_dir, split, tokenizer, process_count) -> dict[str
   stats = b.info.metadata["splits"]
   valid = sorted({s.split("_")[0] for s in stats})
   _check_split(split, valid)
+  if packed.enabled(config):
+    return _packed(config, b, split, tokenizer, process_count)
   decode = (lambda ex: ex["tokens"]) if model else (lambda ex: ex["text"].decode("utf-8"))
   domains = {}
   for name, s in stats.items():
@@ -106,6 +114,18 @@ def _slimpajama(config, source_dir, split, tokenizer, process_count) -> dict[str
       mean = s.get("tokens", s["bytes"]) / s["docs"]
       domains[name.removeprefix(split + "_")] = Domain(docs, mean)
   return domains
+
+
+def _packed(config, b, split, tokenizer, process_count) -> dict[str, Domain]:
+  """The prepared copy's rows packed for `seq_len` (packed.py), packing them first if need be."""
+  if not packed.is_packed(b.data_dir, config.seq_len):
+    if process_count > 1:
+      raise ValueError(f"{b.data_dir} has no rows packed for seq_len {config.seq_len}; a run of "
+                       f"several processes needs them packed first: python tools/prepare_data.py "
+                       f"--config=... with the same seq_len and data.* flags")
+    packed.pack_prepared(b, config.seq_len, tokenizer)
+  return {d: Domain(rows, mean)
+          for d, (rows, mean) in packed.domains(b.data_dir, config.seq_len, split).items()}
 
 
 def _tfds(config, name, split) -> dict[str, Domain]:
