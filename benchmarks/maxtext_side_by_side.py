@@ -56,6 +56,7 @@ _REMATS = flags.DEFINE_list("remats", ["full", "saved"], f"Of {', '.join(REMATS)
 _SYSTEMS = flags.DEFINE_list("systems", ["maxtext", "spjax"], "Which sides to compile.")
 _KERNEL_EFFICIENCY = flags.DEFINE_float("kernel_efficiency", 0.5, "Assumed kernel rate / peak.")
 _JSON = flags.DEFINE_string("json", None, "Write every row here.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Keep each row's compiled HLO here.")
 _ROW = flags.DEFINE_string("row", None, "Internal: compile one row (SYSTEM:WORKLOAD:REMAT) and "
                                         "print its JSON.")
 
@@ -99,6 +100,7 @@ def estimate(executable, seconds: float, spjax_row: dict, w: dict) -> dict:
   clock = aot_tpu.CHIPS[chip]["clock"]
   mem = aot_tpu.memory(aot_tpu.Compiled(seconds, executable))
   text = executable.as_text()
+  keep_hlo(text, "maxtext", w)
   summed = hlo.cycle_sum(text)
   kernels = aot_tpu.kernel_seconds(spjax_row["prog"], hlo.kernel_calls(text),
                                    spjax_row["peak"] * _KERNEL_EFFICIENCY.value)
@@ -113,6 +115,13 @@ def estimate(executable, seconds: float, spjax_row: dict, w: dict) -> dict:
           "xla_estimate": {"raw_optimal_seconds": xla.raw_seconds, "step_seconds": xla.seconds,
                            "uncosted_custom_calls": xla.uncosted_calls,
                            "refused": xla.refusal or None}}
+
+
+def keep_hlo(text: str, system: str, w: dict) -> None:
+  if _HLO_DIR.value:
+    os.makedirs(_HLO_DIR.value, exist_ok=True)
+    with open(os.path.join(_HLO_DIR.value, f"{system}_{w['name']}.hlo"), "w") as f:
+      f.write(text)
 
 
 def spjax_program(w: dict, remat: str):
@@ -130,7 +139,7 @@ def compile_row(system: str, workload: str, remat: str) -> dict:
   import aot_tpu
   aot_tpu.compile_only_environment()
   from spjax.train import metrics
-  w = WORKLOADS[workload]
+  w = {**WORKLOADS[workload], "name": f"{workload}_{remat}"}
   config, prog, peak = spjax_program(w, remat)
   tokens = prog.global_batch * SEQ
   flops = metrics.flops_per_token(config.model, SEQ) * tokens
@@ -138,7 +147,11 @@ def compile_row(system: str, workload: str, remat: str) -> dict:
          "topology": w["topology"], "chips": prog.mesh.size, "tokens_per_step": tokens,
          "model_flops_per_step": flops}
   if system == "spjax":
-    real = aot_tpu.run(config, w["topology"], 1, kernel_efficiency=_KERNEL_EFFICIENCY.value)
+    hlo_path = _HLO_DIR.value and os.path.join(_HLO_DIR.value, f"spjax_{w['name']}.hlo")
+    if hlo_path:
+      os.makedirs(_HLO_DIR.value, exist_ok=True)
+    real = aot_tpu.run(config, w["topology"], 1, hlo_path or None,
+                       kernel_efficiency=_KERNEL_EFFICIENCY.value)
     row.update({k: real.get(k) for k in ("compile_seconds", "memory_gib_per_device",
                                          "memory_breakdown_gib", "estimated_step_seconds",
                                          "kernel_seconds", "cycle_sum_unestimated_ops",
@@ -199,7 +212,8 @@ def main(argv):
       for system in _SYSTEMS.value:
         print(f"compiling {system} {workload} remat={remat} ...", file=sys.stderr, flush=True)
         out = subprocess.run([sys.executable, __file__, f"--row={system}:{workload}:{remat}",
-                              f"--kernel_efficiency={_KERNEL_EFFICIENCY.value}"],
+                              f"--kernel_efficiency={_KERNEL_EFFICIENCY.value}"] +
+                             ([f"--hlo_dir={_HLO_DIR.value}"] if _HLO_DIR.value else []),
                              cwd=REPO, capture_output=True, text=True)
         found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
         if out.returncode or not found:
