@@ -1,7 +1,7 @@
 """What distillation buys: a student a quarter of the teacher's size, distilled vs trained on CE alone.
 
-  python benchmarks/distill_quality.py [--teacher_steps 1500] [--steps 600] [--batch 16] \
-      [--kd 0.5:1.0,0.5:2.0] [--skip_ce] [--dir DIR] [--teacher WORKDIR] [--json OUT]
+  python benchmarks/distill_quality.py [--teacher_steps 1200] [--steps 400] [--batch 16] \
+      [--kd 0.5:1.0,0.5:2.0,0.9:1.0] [--skip_ce] [--dir DIR] [--teacher WORKDIR] [--json OUT]
 
 Trains a teacher (the `tiny` shape with 3 layers: d_model 128, mlp 512, 1.00M params) on the
 embedded corpus, evaluated 5 times on the way (how near its plateau it is), then students a quarter
@@ -70,10 +70,10 @@ def finished(workdir: str, steps: int) -> bool:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--teacher_steps", type=int, default=1500)
-  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--teacher_steps", type=int, default=1200)
+  parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--batch", type=int, default=16, help="sequences of 128 tokens per step")
-  parser.add_argument("--kd", default="0.5:1.0,0.5:2.0",
+  parser.add_argument("--kd", default="0.5:1.0,0.5:2.0,0.9:1.0",
                       help="distilled students to train, as alpha:temperature[,alpha:temperature]")
   parser.add_argument("--skip_ce", action="store_true", help="no CE-only student (with --kd '': "
                                                              "train the teacher only)")
