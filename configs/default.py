@@ -49,6 +49,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.z_loss = 0.0                    # weight of log(Z)^2 (PaLM); keeps logits from drifting in bf16
   # Unembed and score this many positions at a time (a divisor of seq_len), never holding the
   # [B, T, V] float32 logits; costs a second vocabulary matmul forward. 0 = all at once.
+  # A distillation run refuses it (an error) and chunks by distill.chunk_size instead.
   c.loss_chunk_size = 0
 
   # Pipeline parallelism, used when the layout maps `layers` to the `stage` mesh axis (pp, fsdp_pp).
@@ -136,7 +137,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.distill.alpha = 0.5             # weight of the KL term; 1 - alpha weighs the cross-entropy
   c.distill.top_k = 0               # teacher's k most likely tokens, renormalised; 0 = all of them
   c.distill.chunk_size = 512        # sequence positions whose logits exist at once (both models);
-                                    # must divide seq_len if smaller; 0 = the whole sequence
+                                    # must divide seq_len if smaller; 0 = the whole sequence;
+                                    # governs the run's eval loss too (loss_chunk_size must be 0)
   # LoRA (spjax/tune/lora.py): only low-rank adapters beside the targeted kernels train; the base
   # weights (init_from's, else the seed's) stay as they are. Checkpoints hold the adapters only;
   # spjax-generate and spjax-convert-hf merge them into the kernels (W + A @ B * alpha / rank).

@@ -152,6 +152,16 @@ def test_bad_settings_name_the_field(teacher_dir, field, value, message):
     program.build(tiny(**STUDENT, **{"distill.teacher": teacher_dir, field: value}))
 
 
+def test_loss_chunk_size_is_refused_in_a_distillation_run(teacher_dir):
+  # The distilled step chunks by distill.chunk_size: a loss_chunk_size there would do nothing.
+  with pytest.raises(ValueError, match=r"loss_chunk_size=32 is not used when distill.teacher.*"
+                                       r"distill.chunk_size"):
+    program.build(tiny(**STUDENT, **{"distill.teacher": teacher_dir, "loss_chunk_size": 32}))
+  prog = program.build(tiny(**STUDENT, **{"distill.teacher": teacher_dir,
+                                          "distill.chunk_size": 32}))
+  assert prog._loss_chunk() == 32  # the eval loss chunks by distill.chunk_size too
+
+
 def test_a_hugging_face_teacher_loads_the_same_weights(teacher_dir, tmp_path):
   model, run = workdir_lib.load(teacher_dir)
   cfg = model.cfg

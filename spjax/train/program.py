@@ -176,8 +176,16 @@ class Program:
     train state's; a quantized or EMA State passes its own)."""
     shardings = self.state_shardings["params"] if param_shardings is None else param_shardings
     return jax.jit(self._under_layout(functools.partial(step_lib.eval_step, graphdef=self.graphdef,
-                                                        loss_chunk=self.config.loss_chunk_size)),
+                                                        loss_chunk=self._loss_chunk())),
                    in_shardings=(shardings, self.batch_sharding))
+
+  def _loss_chunk(self) -> int:
+    """Positions per chunk of the eval loss: a distillation run's is distill.chunk_size (it refuses
+    loss_chunk_size), where 0 or >= seq_len means the whole sequence."""
+    if self.teacher is None:
+      return self.config.loss_chunk_size
+    chunk = self.teacher.settings.chunk_size
+    return chunk if chunk < self.config.seq_len else 0
 
   # ----------------------------------------------------------------------------------------------
   # Checkpoints: a LoRA run saves its adapters (and their moments) only, with where its base came from

@@ -12,7 +12,8 @@ size may differ. Its params are an argument of the jitted step (never in the opt
 differentiated), sharded by the student's layout from their own logical names, and its output passes
 through `stop_gradient`. Neither model's [B, T, V] logits are materialised whole: both run to their
 final hidden states, and the unembedding, softmaxes and sums are taken `chunk_size` positions at a
-time under `jax.checkpoint`, so the backward pass recomputes one chunk's logits at a time.
+time under `jax.checkpoint` (train/loss.py's `chunked_sums`, the loop config.loss_chunk_size's
+cross-entropy uses too), so the backward pass recomputes one chunk's logits at a time.
 """
 
 import dataclasses
@@ -31,6 +32,7 @@ from spjax.model import attention
 from spjax.model import model as model_lib
 from spjax.model import moe
 from spjax.parallel import sharding
+from spjax.train import loss as loss_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,11 @@ def check_settings(config) -> Settings:
     fail("alpha", "must be in [0, 1] (the weight of the KL term; 1 - alpha weighs the CE)")
   if not 0 <= d.top_k < config.model.vocab_size:
     fail("top_k", f"must be in [0, model.vocab_size={config.model.vocab_size}) (0 = all tokens)")
+  if config.loss_chunk_size:  # one chunking field per run, so none is silently ignored
+    raise ValueError(f"config.loss_chunk_size={config.loss_chunk_size} is not used when "
+                     f"distill.teacher is set: a distillation run chunks its loss (train step and "
+                     f"eval) by distill.chunk_size (now {d.chunk_size}); set loss_chunk_size=0 and "
+                     "distill.chunk_size to the positions per chunk")
   if d.chunk_size < 0:
     fail("chunk_size", "must be >= 0 (0 = the whole sequence at once)")
   if 0 < d.chunk_size < config.seq_len and config.seq_len % d.chunk_size:
@@ -176,28 +183,15 @@ def token_terms(student_logits, teacher_logits, targets, settings: Settings):
 def distill_sums(student, teacher, student_h, teacher_h, targets, mask, settings: Settings):
   """(nll sum, kl sum, log Z^2 sum) over the tokens of `mask` [B, T], from hidden states [B, T, D].
 
-  `student`/`teacher` give `logits`. Chunked over the sequence: each chunk's logits exist only
-  inside its `jax.checkpoint`ed scan step, forward and backward.
+  `student`/`teacher` give `logits`. Chunked over the sequence by train/loss.py's loop: each
+  chunk's logits of both models exist only inside its `jax.checkpoint`, forward and backward.
   """
   def sums(h_s, h_t, tgt, m):  # [B, C, D], [B, C, D'], [B, C], [B, C]
     nll, kl, log_z = token_terms(student.logits(h_s),
                                  jax.lax.stop_gradient(teacher.logits(h_t)), tgt, settings)
     return jnp.stack([jnp.sum(nll * m), jnp.sum(kl * m), jnp.sum(jnp.square(log_z) * m)])
 
-  length = targets.shape[1]
-  chunk = settings.chunk_size
-  if not chunk or chunk >= length:
-    return sums(student_h, teacher_h, targets, mask)
-
-  def split(x, names):  # [B, T, ...] -> [T / C, B, C, ...]
-    x = x.reshape(x.shape[0], length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
-    return sharding.constrain(x, (None, *names))
-  xs = (split(student_h, ("batch", "length", "act_embed")),
-        split(teacher_h, ("batch", "length", "act_embed")),
-        split(targets, ("batch", "length")), split(mask, ("batch", "length")))
-  step = jax.checkpoint(lambda acc, x: (acc + sums(*x), None))
-  total, _ = jax.lax.scan(step, jnp.zeros(3, jnp.float32), xs)
-  return total
+  return loss_lib.chunked_sums(sums, (student_h, teacher_h, targets, mask), settings.chunk_size)
 
 
 def objective(params, graphdef, batch, dropout_key, z_loss: float, scale, teacher_params, *,
