@@ -116,6 +116,8 @@ def kernel_seconds(prog, calls: dict, flops_per_second: float) -> dict:
   cfg, mesh, layout = prog.model_cfg, prog.mesh, prog.layout
   shards = lambda logical: math.prod(mesh.shape[a] for a in layout.axes_for(logical))
   rows = prog.config.per_device_batch_size * mesh.size // shards("batch")
+  if sched := prog.pipeline:  # a pipeline's kernels run on one microbatch's rows per call
+    rows = prog.config.per_device_batch_size * mesh.size // sched.microbatches // sched.batch_split
   heads = cfg.num_heads // shards("act_heads")
   # Context parallel (`length` sharded): a device holds 1/cp of each row's queries against all its
   # keys, and the load-balanced order gives every device the same 1/cp of the causal blocks.
