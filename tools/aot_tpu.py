@@ -20,7 +20,8 @@ compile time, the collectives of the compiled step, and ESTIMATES of step time a
   assumption (default 0.5) printed beside the result and recorded in the JSON.
 - Collective time = collective bytes / the chip's ICI bandwidth: a lower bound (DCN not modelled).
 - Step time = max(compute, collectives), i.e. collectives hidden behind compute where they fit.
-- Estimated MFU = model FLOPs / (step time x chips x the chip's peak bf16 FLOP/s).
+- Estimated MFU = model FLOPs / (step time x chips x the chip's peak bf16 FLOP/s); a mixture of
+  experts counts the experts a token visits (active parameters), not all of them.
 - Ops whose `estimated_cycles` is a sentinel (INT64_MAX: "no estimate") are listed, not summed;
   a conditional (optax.apply_if_finite's update) counts its costliest branch.
 
