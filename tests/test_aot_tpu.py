@@ -214,3 +214,36 @@ def test_context_parallel_kernels_are_charged_their_share_of_each_row():
                                      cfg.model.head_dim)
   seconds = aot_tpu.kernel_seconds(prog, {"splash_mha_fwd": 3}, flops_per_second=1.0)
   assert seconds["splash_mha_fwd"] == pytest.approx(3 * full_rows / 2)
+
+
+@needs_libtpu
+def test_pipeline_schedule_and_tokens_per_chip_are_reported(tmp_path):
+  # fsdp_pp on 4 chips: 2 stages x 2 fsdp, 4 layers, 4 microbatches -> bubble 1 / (4 + 1).
+  proc, r = aot_tiny(tmp_path, "--config.layout=fsdp_pp", "--config.mesh.ici.stage=2",
+                     "--config.model.num_layers=4", "--config.pipeline.microbatches=4")
+  assert r["mesh"] == {"fsdp": 2, "stage": 2}
+  assert r["pipeline"] == {"stages": 2, "microbatches": 4, "repeats": 1, "layers_per_stage": 2,
+                           "iterations": 5, "bubble": pytest.approx(0.2)}
+  assert "bubble 20.0% of 5 iterations" in proc.stdout
+  assert r["collectives"]["count"]["collective-permute"] > 0  # activations passed stage to stage
+  assert r["estimated_tokens_per_second_per_chip"] == pytest.approx(
+      r["tokens_per_step"] / r["estimated_step_seconds"] / r["chips"])
+
+
+@needs_libtpu
+def test_moe_flops_count_active_parameters(tmp_path):
+  # 4 experts, top-2 under fsdp_ep: the model FLOPs (and so MFU) are those of the 2 experts a
+  # token visits, not of all 4.
+  _, r = aot_tiny(tmp_path, "--config.layout=fsdp_ep", "--config.model.num_experts=4",
+                  "--config.model.experts_per_token=2", "--config.model.capacity_factor=1.25")
+  cfg = default.get_config("tiny")
+  m = cfg.model
+  mlp = 3 * m.d_model * m.mlp_dim
+  assert r["params"] - r["active_params"] == m.num_layers * 2 * mlp  # 2 experts a token skips
+  assert r["pipeline"] is None and r["collectives"]["count"]["all-to-all"] > 0
+  cfg.model.num_experts, cfg.model.experts_per_token = 4, 2
+  tokens = r["tokens_per_step"]
+  assert r["model_flops_per_step"] == metrics.flops_per_token(cfg.model, cfg.seq_len) * tokens
+  dense = default.get_config("tiny").model
+  extra = 6 * m.num_layers * (mlp + m.d_model * 4)  # one more expert's MLP and the router
+  assert r["model_flops_per_step"] == (metrics.flops_per_token(dense, cfg.seq_len) + extra) * tokens

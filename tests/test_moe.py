@@ -263,3 +263,20 @@ def test_fsdp_ep_capacity_path_exchanges_tokens_by_all_to_all():
     text = prog.jit_train_step().lower(prog.abstract_state(),
                                        prog.abstract_batch()).compile().as_text()
   assert hlo.collectives(text).count["all-to-all"] > 0
+
+
+def test_dropless_sorts_each_batch_shard_on_its_own_device():
+  # Under fsdp over 8 devices each device runs the grouped matmuls on its own rows' n * k
+  # assignments, not on the whole batch's N * k (what a global sort left to the partitioner did).
+  import re
+  prog = program.build(tiny_moe("fsdp", seq_len=48, **{"model.capacity_factor": 0.0}))
+  with prog.activate():
+    text = prog.jit_train_step().lower(prog.abstract_state(),
+                                       prog.abstract_batch()).compile().as_text()
+  everyone = prog.global_batch * 48 * K  # N * k
+  mine = everyone // prog.mesh.size
+  f = prog.model_cfg.mlp_dim
+  dots = set(re.findall(r"= f32\[(\d+),(\d+)\]\{1,0\} dot\(", text))
+  assert (str(mine), str(f)) in dots  # the up/gate projections of the local assignments
+  assert not any(int(rows) == everyone for rows, _ in dots)
+  assert "sort(" in text and prog.mesh.size == 8

@@ -20,7 +20,8 @@ compile time, the collectives of the compiled step, and ESTIMATES of step time a
   assumption (default 0.5) printed beside the result and recorded in the JSON.
 - Collective time = collective bytes / the chip's ICI bandwidth: a lower bound (DCN not modelled).
 - Step time = max(compute, collectives), i.e. collectives hidden behind compute where they fit.
-- Estimated MFU = model FLOPs / (step time x chips x the chip's peak bf16 FLOP/s).
+- Estimated MFU = model FLOPs / (step time x chips x the chip's peak bf16 FLOP/s); a mixture of
+  experts counts the experts a token visits (active parameters), not all of them.
 - Ops whose `estimated_cycles` is a sentinel (INT64_MAX: "no estimate") are listed, not summed;
   a conditional (optax.apply_if_finite's update) counts its costliest branch.
 
@@ -116,6 +117,8 @@ def kernel_seconds(prog, calls: dict, flops_per_second: float) -> dict:
   cfg, mesh, layout = prog.model_cfg, prog.mesh, prog.layout
   shards = lambda logical: math.prod(mesh.shape[a] for a in layout.axes_for(logical))
   rows = prog.config.per_device_batch_size * mesh.size // shards("batch")
+  if sched := prog.pipeline:  # a pipeline's kernels run on one microbatch's rows per call
+    rows = prog.config.per_device_batch_size * mesh.size // sched.microbatches // sched.batch_split
   heads = cfg.num_heads // shards("act_heads")
   # Context parallel (`length` sharded): a device holds 1/cp of each row's queries against all its
   # keys, and the load-balanced order gives every device the same 1/cp of the causal blocks.
@@ -152,6 +155,7 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
                                              "remat_policy", "dtype", "param_dtype")}
                | {"attention": prog.model_cfg.attention},  # "auto" resolved
       "params": prog.model_cfg.num_params(),
+      "active_params": prog.model_cfg.num_active_params(),  # what a token uses (MoE: k experts)
       "per_device_batch_size": config.per_device_batch_size, "seq_len": config.seq_len,
       "grad_accum_steps": config.grad_accum_steps, "tokens_per_step": tokens,
       "hbm_gib_per_device": CHIPS[chip]["hbm"] / GIB,
@@ -162,6 +166,11 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
                          "bodies once per iteration) / clock, max with collective bytes / ICI "
                          "bandwidth; an estimate, not a measurement",
   }
+  sched = prog.pipeline
+  result["pipeline"] = None if sched is None else {
+      "stages": sched.stages, "microbatches": sched.microbatches, "repeats": sched.repeats,
+      "layers_per_stage": sched.layers_per_stage, "iterations": sched.iterations,
+      "bubble": sched.bubble}  # the schedule's idle share, already inside the cycle sum
   mem = memory(real)
   result["memory_gib_per_device"] = mem["total"] / GIB
   result["memory_breakdown_gib"] = {k: v / GIB for k, v in mem.items() if k != "total"}
@@ -191,6 +200,7 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
       kernel_seconds=kernels, kernel_efficiency=kernel_efficiency if kernels else None,
       compute_seconds=compute, collective_seconds_lower_bound=comm,
       estimated_step_seconds=step, estimated_mfu=mfu(step),
+      estimated_tokens_per_second_per_chip=tokens / step / chips,
       # Ops the cost model gave no estimate (a sentinel such as INT64_MAX): left out of the sum
       # above, which is then a lower bound.
       cycle_sum_unestimated_ops=[{"op": op, "category": cat, "executions": n}
@@ -212,12 +222,15 @@ def table(r: dict) -> str:
   lines = [
       f"{r['topology']} x{r['num_slices']} slice(s): {r['chips']} chips ({r['device_kind']}, "
       f"{r['peak_tflops_per_chip']:.0f} TFLOP/s bf16, {r['hbm_gib_per_device']:.0f} GiB HBM)",
-      f"model {r['params'] / 1e9:.2f}B params, d_model {m['d_model']}, {m['num_layers']} layers, "
+      f"model {r['params'] / 1e9:.2f}B params ({r['active_params'] / 1e9:.2f}B active), d_model {m['d_model']}, {m['num_layers']} layers, "
       f"scan_layers={m['scan_layers']}, remat={m['remat_policy']}, {m['attention']} attention; batch "
       f"{r['per_device_batch_size']}/device x {r['seq_len']} x {r['grad_accum_steps']} accum = "
       f"{r['tokens_per_step']:,} tokens/step",
       f"layout {r['layout']}, mesh {mesh}" + (f", LIBTPU_INIT_ARGS={r['libtpu_init_args']}"
                                               if r["libtpu_init_args"] else ""),
+      *([f"{p['stages']} pipeline stages x {p['repeats']} repeats, {p['microbatches']} "
+         f"microbatches: bubble {p['bubble']:.1%} of {p['iterations']} iterations (its idle "
+         "compute is in the cycle sum)"] if (p := r["pipeline"]) else []),
       "",
       f"  compile time                     {r['compile_seconds']:10.1f} s",
       f"  memory per device                {r['memory_gib_per_device']:10.2f} GiB of "
@@ -234,6 +247,7 @@ def table(r: dict) -> str:
       f"  ESTIMATE collectives (ICI, min)  {r['collective_seconds_lower_bound']:10.4g} s",
       f"  ESTIMATE step time (cycle sum)   {r['estimated_step_seconds']:10.4g} s",
       f"  ESTIMATE MFU (cycle sum)         {r['estimated_mfu']:10.3f}",
+      f"  ESTIMATE tokens/s per chip       {r['estimated_tokens_per_second_per_chip']:10.0f}",
       *(f"    NOT SUMMED, no cost-model estimate: {u['op']} ({u['category']}) x{u['executions']}"
         for u in r["cycle_sum_unestimated_ops"]),
   ]

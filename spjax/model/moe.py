@@ -9,8 +9,11 @@ Two ways to run the experts, picked by `model.capacity_factor`:
   with experts on the `expert` mesh axes and the batch on the remaining batch axes, which makes
   the partitioner exchange tokens between expert shards (an all-to-all) around the expert matmuls.
 - dropless (0): the B * T * k assignments are sorted by expert and the experts run as grouped
-  matmuls (`jax.lax.ragged_dot`); nothing is dropped. The sort is global, so under a sharded
-  layout the partitioner gathers tokens for it: exact, but not yet an expert-parallel schedule.
+  matmuls (`jax.lax.ragged_dot`); nothing is dropped. Under a layout the sort runs per batch shard
+  (`shard_map` over the batch's mesh axes): each device sorts its own rows' assignments against
+  every expert's weights, gathered to it like FSDP weights; left to the partitioner, the global
+  sort gathered every token to every device and each ran all N * k assignments. Tokens stay on
+  their device: data-parallel experts, not yet an expert-parallel (all-to-all) schedule.
 
 Router logits, probabilities and every statistic are float32. Each MoE layer reports three scalars
 over the real (segment id > 0) tokens, averaged over MoE layers by the model:
@@ -144,20 +147,34 @@ class MoE(nnx.Module):
 
   def _dropless(self, x, weights, experts):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    b, t, d = x.shape
-    k = cfg.experts_per_token
-    flat = experts.reshape(-1)  # [N*k]: assignment i is token i // k's (i % k)-th choice
-    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
-    sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)  # [E]
-    tokens = x.reshape(b * t, d)[order // k]  # [N*k, D], sorted by expert
-    def proj(h, name):
-      return jax.lax.ragged_dot(h, getattr(self, name)[...].astype(dt), sizes)
-    a = ACTIVATIONS[cfg.mlp_activation](proj(tokens, "gate" if cfg.gated_mlp else "up"))
-    if cfg.gated_mlp:
-      a = a * proj(tokens, "up")  # [N*k, F]
-    out = proj(a, "down")  # [N*k, D], sorted
-    out = jnp.zeros_like(out).at[order].set(out).reshape(b, t, k, d)  # back to token order
-    return jnp.einsum("btkd,btk->btd", out, weights.astype(dt))
+    names = ("gate", "up", "down") if cfg.gated_mlp else ("up", "down")
+    w = tuple(getattr(self, n)[...].astype(dt) for n in names)  # [E, D, F] / [E, F, D]
+    local = lambda x, weights, experts, *w: _dropless_local(cfg, x, weights, experts, w)
+    rules = flax_spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+      return local(x, weights, experts, *w)
+    batch = dict((k, v) for k, v in rules).get("batch")
+    rows = PartitionSpec(_entry(batch))  # [B, ...] over the batch axes; weights whole inside
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 3 + (PartitionSpec(),) * len(w),
+                         out_specs=rows)(x, weights, experts, *w)
+
+
+def _dropless_local(cfg: ModelConfig, x, weights, experts, w):
+  """x [b, T, D], weights/experts [b, T, k], w the experts' (gate,) up, down -> y [b, T, D]."""
+  b, t, d = x.shape
+  k = cfg.experts_per_token
+  flat = experts.reshape(-1)  # [n*k]: assignment i is token i // k's (i % k)-th choice
+  order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+  sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)  # [E]
+  tokens = x.reshape(b * t, d)[order // k]  # [n*k, D], sorted by expert
+  proj = lambda h, kernel: jax.lax.ragged_dot(h, kernel, sizes)
+  a = ACTIVATIONS[cfg.mlp_activation](proj(tokens, w[0]))
+  if cfg.gated_mlp:
+    a = a * proj(tokens, w[1])  # [n*k, F]
+  out = proj(a, w[-1])  # [n*k, D], sorted
+  out = jnp.zeros_like(out).at[order].set(out).reshape(b, t, k, d)  # back to token order
+  return jnp.einsum("btkd,btk->btd", out, weights.astype(x.dtype))
 
 
 def mean_stats(per_layer: list) -> dict:
