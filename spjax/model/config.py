@@ -39,9 +39,13 @@ REMAT_POLICIES = {
     "full": _CP.nothing_saveable,  # recompute the whole block
     # keep matmul outputs (with batch dims: attention scores too), recompute the rest
     "save_dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _KEEP_ATTENTION),
-    # keep the projections' outputs; recompute einsum attention from q, k and v
+    # keep the projections' outputs but the attention output's; recompute einsum attention from
+    # q, k and v, and the output projection from the attention output
     "save_dots_no_batch": _CP.save_from_both_policies(_dots_one_contraction_no_batch,
                                                       _KEEP_ATTENTION),
+    # as save_dots_no_batch, but the fused attention's output is not kept either: its forward kernel
+    # runs again in the backward pass (a [B, T, H, Dh] less per layer, for its FLOPs)
+    "save_projections": _dots_one_contraction_no_batch,
 }
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
