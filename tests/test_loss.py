@@ -78,3 +78,31 @@ def test_bad_chunk_sizes_are_refused_before_compiling():
   with pytest.raises(ValueError, match="loss_chunk_size"):
     loss_lib.chunked_nll_sums(jnp.zeros((1, 8, 4)), jnp.zeros((4, 16)),
                               jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8)), 3, "float32")
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-6), ("bfloat16", 2e-2)])
+def test_nll_sums_match_autodiff_of_the_float32_softmax(dtype, tol):
+  # The custom VJP against jax.grad of the plain formula (logits cast to float32, logsumexp,
+  # the target's logit): sums, and gradients for the hidden states, the table and the mask.
+  rng = np.random.default_rng(1)
+  hidden = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(8, 32)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 32, (2, 16)), jnp.int32)
+  mask = jnp.asarray(rng.integers(0, 2, (2, 16)), jnp.float32)
+
+  def reference(h, tab, m):
+    logits = (h.astype(dtype) @ tab.astype(dtype)).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z - target) * m), jnp.sum(jnp.square(log_z) * m)
+
+  def ours(h, tab, m):
+    return loss_lib.nll_sums(h.astype(dtype), tab, targets, m, dtype)
+
+  for fn in (reference, ours):  # z-loss weight 0.1 in the objective, as train_step combines them
+    fn.objective = lambda h, tab, m, fn=fn: fn(h, tab, m)[0] + 0.1 * fn(h, tab, m)[1]
+  np.testing.assert_allclose(ours(hidden, table, mask), reference(hidden, table, mask), rtol=tol)
+  want = jax.grad(reference.objective, argnums=(0, 1, 2))(hidden, table, mask)
+  got = jax.grad(ours.objective, argnums=(0, 1, 2))(hidden, table, mask)
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.abs(w).max())

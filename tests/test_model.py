@@ -71,7 +71,7 @@ def test_scan_and_unrolled_stacks_compute_the_same_function():
   np.testing.assert_allclose(forward(scanned, x), forward(unrolled, x), atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_projections"])
 def test_remat_policies_leave_gradients_unchanged(policy):
   def grads(cfg):
     graphdef, params = nnx.split(make(cfg), nnx.Param)
@@ -80,6 +80,22 @@ def test_remat_policies_leave_gradients_unchanged(policy):
     return jax.jit(jax.grad(loss))(params)
   base, remat = grads(CFG), grads(dataclasses.replace(CFG, remat_policy=policy))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), base, remat)
+
+
+def test_save_dots_no_batch_keeps_the_projections_but_not_the_output_projection(capsys):
+  # Per layer: q, k, v, gate and up ([B, T, F]) are kept; the attention output projection's
+  # [B, T, D] is not (recomputed from the attention output, one matmul), nor is the down one's.
+  cfg = dataclasses.replace(CFG, remat_policy="save_dots_no_batch", scan_layers=False)
+  graphdef, params = nnx.split(make(cfg), nnx.Param)
+  x = tokens((2, 8))
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda p: jnp.sum(nnx.merge(graphdef, p).hidden(x)), params)
+  # one line per residual: "f32[2,8,8,16] output of dot_general from ..."
+  dots = [line.split()[0] for line in capsys.readouterr().out.splitlines()
+          if "output of dot_general" in line]
+  per_layer = [f"f32[2,8,{cfg.num_heads},{cfg.head_dim}]"]
+  per_layer += [f"f32[2,8,{cfg.num_kv_heads},{cfg.head_dim}]"] * 2 + [f"f32[2,8,{cfg.mlp_dim}]"] * 2
+  assert sorted(dots) == sorted(per_layer * cfg.num_layers)
 
 
 def test_dropout_only_with_a_key_and_tied_embeddings():

@@ -57,8 +57,9 @@ def activation_bytes(prog) -> dict:
   """A shape-only estimate of the step's activation memory per device, by part.
 
   What the remat policy keeps per layer for the backward pass (compute dtype), one layer's
-  recompute working set, and the loss's logits (float32 logits, their gradient and the compute-
-  dtype product, all at once unless config.loss_chunk_size splits them). An estimate for skipping
+  recompute working set, and the loss's logits (the compute-dtype product and its gradient: the
+  float32 softmax is fused, spjax/train/loss.py; all positions at once unless
+  config.loss_chunk_size splits them). An estimate for skipping
   what cannot fit, not what the compiler will allocate (it fuses, reorders and pads).
   """
   cfg, c = prog.model_cfg, prog.config
@@ -71,12 +72,14 @@ def activation_bytes(prog) -> dict:
   f = cfg.mlp_dim // _shards(prog, "act_mlp")
   v = cfg.vocab_size // _shards(prog, "act_vocab")
   matmul_outputs = tokens * (q + 2 * kv + d + 2 * f + d) * e  # q, k, v, out, gate, up, down
+  projections = tokens * (q + 2 * kv + 2 * f) * e  # save_dots_no_batch keeps q, k, v, gate, up
   attention = tokens * q * e + tokens * q // cfg.head_dim * 4  # splash output and log-sum-exp
   scores = rows * (cfg.num_heads // _shards(prog, "act_heads")) * c.seq_len ** 2 * e
   elementwise = tokens * (2 * d + 2 * f) * e  # norms, activation, gated product
   per_layer = {
       "full": tokens * d * e,  # the layer's input only
-      "save_dots_no_batch": tokens * d * e + matmul_outputs + attention,
+      "save_dots_no_batch": tokens * d * e + projections + attention,
+      "save_projections": tokens * d * e + projections,
       "save_dots": tokens * d * e + matmul_outputs + attention +
                    (scores if cfg.attention == "xla" else 0),
       "none": tokens * d * e + matmul_outputs + attention + elementwise +
@@ -85,7 +88,7 @@ def activation_bytes(prog) -> dict:
   # One layer forward and backward at a time: its outputs, their gradients, float32 MLP grads.
   working = matmul_outputs + elementwise + 2 * tokens * f * 4
   positions = c.loss_chunk_size or c.seq_len
-  logits = tokens * positions // c.seq_len * v * (4 + 4 + e)
+  logits = tokens * positions // c.seq_len * v * 2 * e  # the product and its gradient (loss.py)
   return {"saved_layers": cfg.num_layers * per_layer, "layer_working_set": working,
           "logits": logits}
 

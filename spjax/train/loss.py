@@ -1,11 +1,15 @@
-"""Token losses without the [B, T, V] float32 logits: the sequence in chunks.
+"""Token cross-entropy sums that never keep [B, T, V] float32 logits.
 
-The full-width loss holds the logits of every token at once (and, for the backward pass, their
-gradient): for the 1B at batch 8 per device that is 8 x 2048 x 32000 x 4 bytes = 2 GiB each, the
-largest buffers of the step. Here each chunk of `chunk` positions is unembedded, reduced to its
-sums, and dropped; `jax.checkpoint` makes the backward pass recompute the chunk's logits from its
-hidden states instead of keeping them, so no [B, T, V] array is ever formed. The chunks are a
-Python loop (unrolled): no while loop, so XLA's cost analysis can still cost the step.
+`nll_sums` unembeds in the compute dtype and reduces in float32 through a custom VJP whose only
+[B, T, V] residual is the compute-dtype logits: autodiff of `logsumexp(logits.astype(f32))` keeps
+the float32 copy for the backward pass as well (for the 1B at batch 8 per device: 2 GiB besides
+the 1 GiB bf16 logits, at the point of the step where every layer's saved activations are live),
+and its backward writes the compute-dtype gradient in the same pass that recomputes the softmax.
+
+`chunked_nll_sums` goes further: each chunk of `chunk` positions is unembedded, reduced to its nll
+and log Z sums, and dropped; `jax.checkpoint` makes the backward pass recompute the chunk's
+logits from its hidden states instead of keeping them, so no [B, T, V] array is ever formed. The
+chunks are a Python loop (unrolled): no while loop, so XLA's cost analysis can still cost the step.
 Cost: the vocabulary matmul runs forward twice (2 B T D V more FLOPs per step). It saves memory
 where the loss is the step's peak (full remat: -0.9 GiB for the 1B at batch 8), not where the
 layers' saved activations are (BENCHMARKS.md).
@@ -17,7 +21,7 @@ and distillation's KL + CE (config.distill.chunk_size, spjax/tune/distill.py) ar
 import jax
 import jax.numpy as jnp
 
-from spjax.model import model as model_lib
+from spjax.parallel.sharding import constrain
 
 _NAMES = ("batch", "length", "act_vocab")
 
@@ -41,23 +45,62 @@ def chunked_sums(sums, arrays, chunk: int):
   return total
 
 
-def chunked_nll_sums(hidden, table, targets, mask, chunk: int, dtype):
-  """(sum of nll * mask, sum of log(Z)^2 * mask) over [B, T], `chunk` positions at a time.
+def _target_logits(logits32, targets):  # [B, T, V] f32, [B, T] int -> [B, T]
+  # A masked sum, not take_along_axis: XLA fuses it into one pass over the logits, where the
+  # gather becomes an offloaded fusion the TPU cost model gives no estimate (INT64_MAX).
+  vocab = jax.lax.broadcasted_iota(jnp.int32, logits32.shape, 2)
+  return jnp.sum(jnp.where(vocab == targets[..., None], logits32, 0.0), axis=-1)
+
+
+@jax.custom_vjp
+def _softmax_ce_sums(logits, targets, mask):
+  """(sum of (log Z - target logit) * mask, sum of log(Z)^2 * mask), in float32 whatever
+  `logits` [B, T, V] is; targets [B, T] int, mask [B, T] float."""
+  return _softmax_ce_fwd(logits, targets, mask)[0]
+
+
+def _softmax_ce_fwd(logits, targets, mask):
+  logits32 = logits.astype(jnp.float32)  # fused into the reductions: never written out
+  log_z = jax.nn.logsumexp(logits32, axis=-1)  # [B, T]
+  nll = log_z - _target_logits(logits32, targets)  # [B, T]
+  sums = (jnp.sum(nll * mask), jnp.sum(jnp.square(log_z) * mask))
+  return sums, (logits, log_z, nll, targets, mask)
+
+
+def _softmax_ce_bwd(residuals, cotangents):
+  logits, log_z, nll, targets, mask = residuals
+  g_nll, g_z = cotangents
+  # d/dlogits of nll = softmax - onehot(target); of log(Z)^2 = 2 log(Z) softmax.
+  per_z = (g_nll + 2.0 * g_z * log_z) * mask  # [B, T]
+  probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])  # [B, T, V]
+  vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+  grad = probs * per_z[..., None] - jnp.where(vocab == targets[..., None],
+                                              (g_nll * mask)[..., None], 0.0)
+  grad_mask = g_nll * nll + g_z * jnp.square(log_z)  # [B, T]
+  return grad.astype(logits.dtype), None, grad_mask.astype(mask.dtype)
+
+
+_softmax_ce_sums.defvjp(_softmax_ce_fwd, _softmax_ce_bwd)
+
+
+def nll_sums(hidden, table, targets, mask, dtype):
+  """(sum of nll * mask, sum of log(Z)^2 * mask) over [B, T].
 
   hidden [B, T, D] final hidden states (Transformer.hidden), table [D, V] (Transformer.unembedding),
-  targets [B, T] int, mask [B, T] float (0 = not scored); T must be a multiple of `chunk`.
+  targets [B, T] int, mask [B, T] float (0 = not scored); the vocabulary matmul in `dtype`, the
+  softmax in float32 (the model's `logits` casts the same matmul's output to float32).
   """
+  logits = constrain(hidden @ table.astype(dtype), _NAMES)  # [B, T, V] in dtype
+  return _softmax_ce_sums(logits, targets, mask.astype(jnp.float32))
+
+
+def chunked_nll_sums(hidden, table, targets, mask, chunk: int, dtype):
+  """As `nll_sums`, `chunk` positions at a time; T must be a multiple of `chunk`."""
   t = hidden.shape[1]
   if chunk <= 0 or t % chunk:
     raise ValueError(f"loss_chunk_size ({chunk}) must be a positive divisor of seq_len ({t})")
 
-  def sums(h, y, m):  # [B, c, D], [B, c], [B, c]
-    logits = model_lib.unembed(h, table, dtype, _NAMES)  # [B, c, V] float32
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
-    # A masked sum, not take_along_axis: XLA fuses it into one pass over the logits, where the
-    # gather becomes an offloaded fusion the TPU cost model gives no estimate (INT64_MAX).
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-    target_logit = jnp.sum(jnp.where(vocab == y[..., None], logits, 0.0), axis=-1)  # [B, c]
-    return jnp.sum((log_z - target_logit) * m), jnp.sum(jnp.square(log_z) * m)
+  def sums(h, y, m):  # [B, c, D], [B, c], [B, c]; chunked_sums checkpoints it
+    return nll_sums(h, table, y, m, dtype)
 
   return chunked_sums(sums, (hidden, targets, mask), chunk)

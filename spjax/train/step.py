@@ -34,16 +34,14 @@ def loss_sums(params, graphdef, batch, dropout_key, z_loss: float, scale=1.0, *,
   model = nnx.merge(graphdef, params, *([] if base is None else [base]), copy=True)
   mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
   args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  hidden = model.hidden(*args, dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, D]
+  # Either way no [B, T, V] float32 logits are kept for the backward pass (spjax/train/loss.py).
   if loss_chunk:
-    hidden = model.hidden(*args, dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, D]
     nll_sum, z_sum = loss_lib.chunked_nll_sums(hidden, model.unembedding(), batch["targets"], mask,
                                                loss_chunk, model.cfg.dtype)
   else:
-    logits = model(*args, dropout_key=dropout_key, neftune_alpha=neftune_alpha)  # [B, T, V] f32
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    nll_sum = jnp.sum((log_z - target_logit) * mask)
-    z_sum = jnp.sum(jnp.square(log_z) * mask)
+    nll_sum, z_sum = loss_lib.nll_sums(hidden, model.unembedding(), batch["targets"], mask,
+                                       model.cfg.dtype)
   count = jnp.sum(mask)
   # z-loss (PaLM) pulls log Z towards 0 so bf16 logits stay in range; added to the objective only.
   objective, logged = moe_lib.add_aux(model, (nll_sum + z_loss * z_sum) * scale, count, scale)
