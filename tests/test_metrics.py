@@ -91,3 +91,19 @@ def test_flops_per_token_of_a_program_counts_lora_honestly(rank):
   expected = (4 * n + 6 * adapters if rank else 6 * n) + attention
   assert prog.flops_per_token() == expected
   assert m.gated_mlp and config.lora.targets == ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
+
+
+def test_flops_per_token_of_a_program_adds_the_teachers_forward(tmp_path):
+  """A distillation teacher runs forward only: 2 FLOPs per weight, 2 L T H Dh for attention."""
+  teacher = default.get_config("tiny")
+  teacher.model.num_layers = 3
+  metrics.write_config(tmp_path, teacher)  # config.json is all the shapes need
+  config = default.get_config("tiny")
+  student = program.build(config).flops_per_token()
+  config.distill.teacher = str(tmp_path)
+  prog = program.build(config)
+  m = prog.model_cfg
+  D, F, V, T = m.d_model, m.mlp_dim, m.vocab_size, config.seq_len
+  q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  forward = 3 * (2 * (2 * D * q + 2 * D * kv + 3 * D * F) + 2 * T * q) + 2 * D * V
+  assert prog.flops_per_token() == student + forward

@@ -112,10 +112,14 @@ class Program:
 
   def flops_per_token(self) -> float:
     """Training FLOPs per token of this run (spjax.train.metrics.flops_per_token): under LoRA the
-    frozen base does no weight gradients and the adapters train, so their count goes in."""
+    frozen base does no weight gradients and the adapters train, so their count goes in; a
+    distillation teacher runs forward only, a third of its training FLOPs (2 of 6 per weight)."""
     adapters = nnx.filter_state(self.abstract_params, lora.ADAPTERS) if self.config.lora.rank else {}
-    return metrics.flops_per_token(self.model_cfg, self.config.seq_len,
-                                   sum(p.size for p in jax.tree.leaves(adapters)))
+    flops = metrics.flops_per_token(self.model_cfg, self.config.seq_len,
+                                    sum(p.size for p in jax.tree.leaves(adapters)))
+    if self.teacher:
+      flops += metrics.flops_per_token(self.teacher.model_cfg, self.config.seq_len) / 3
+    return flops
 
   def init_state(self, params=None):
     """Step 0: `params` (default: freshly initialised from the seed) and new optimizer moments.
