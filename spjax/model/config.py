@@ -11,6 +11,7 @@ Sizes (parameters, untied embeddings, vocab 32000 except tiny):
 """
 
 import dataclasses
+import math
 
 import jax
 import ml_collections
@@ -21,14 +22,32 @@ _CP = jax.checkpoint_policies
 # The matmul policies also keep what the splash kernel's backward reads (its output and log-sum-exp,
 # named "attention"), so the fused attention is not run forward twice.
 _KEEP_ATTENTION = _CP.save_only_these_names(attention_lib.RESIDUALS)
+_LOW_RANK = 128  # contractions shorter than this (one MXU pass) are not projections: see below
+
+
+def _unless_low_rank(policy):
+  """`policy`, but never an unbatched product contracting fewer than _LOW_RANK elements: a LoRA
+  adapter's [B, T, r] x [r, *out] costs 2 r FLOPs per output, cheaper to redo from the saved
+  [B, T, r] than to store; saved, it would double every adapted projection's stacked [B, T, out]
+  activations. (Batched products, attention's, are left to `policy`.)"""
+  def saveable(prim, *args, **params):
+    if prim is jax.lax.dot_general_p:
+      (contract, _), (batch, _) = params["dimension_numbers"]
+      if not batch and math.prod(args[0].shape[d] for d in contract) < _LOW_RANK:
+        return False
+    return policy(prim, *args, **params)
+  return saveable
+
+
 REMAT_POLICIES = {
     "none": None,  # keep every activation for the backward pass
     "full": _CP.nothing_saveable,  # recompute the whole block
     # keep matmul outputs (with batch dims: attention scores too), recompute the rest
-    "save_dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _KEEP_ATTENTION),
+    "save_dots": _unless_low_rank(_CP.save_from_both_policies(_CP.checkpoint_dots,
+                                                              _KEEP_ATTENTION)),
     # keep the projections' outputs; recompute einsum attention from q, k and v
-    "save_dots_no_batch": _CP.save_from_both_policies(_CP.dots_with_no_batch_dims_saveable,
-                                                      _KEEP_ATTENTION),
+    "save_dots_no_batch": _unless_low_rank(_CP.save_from_both_policies(
+        _CP.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION)),
 }
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
