@@ -12,7 +12,11 @@ alike. Then each writes one checkpoint (what `spjax-train` would save, via `Prog
 temporary directory: array bytes from the shapes, and bytes on disk.
 
   python benchmarks/lora_speed.py [--size tiny] [--rank 8] [--layout fsdp] [--seq_len 128] \
-      [--per_device_batch_size 1] [--rounds 11] [--json OUT]
+      [--per_device_batch_size 1] [--rounds 11] [--devices 8] [--json OUT]
+
+`--devices 1` runs on the one real CPU device: no simulated devices, hence no collectives and no
+XLA:CPU rendezvous, whose 40 s timeout aborts 8 simulated devices of a big model on a loaded
+machine.
 """
 
 import argparse
@@ -23,10 +27,14 @@ import sys
 import tempfile
 import time
 
-# Simulated devices: XLA reads the flag once, when jax is first imported.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+# Simulated devices (--devices): XLA reads the flag once, when jax is first imported, so the
+# command line is read for it here, before that.
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--devices", type=int, default=8)
+_DEVICES = _pre.parse_known_args()[0].devices
+if _DEVICES > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+                             f" --xla_force_host_platform_device_count={_DEVICES}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
@@ -72,8 +80,15 @@ def main():
   p.add_argument("--per_device_batch_size", type=int, default=1)
   p.add_argument("--steps", type=int, default=2, help="steps per timing")
   p.add_argument("--rounds", type=int, default=11, help="timings per candidate")
+  p.add_argument("--devices", type=int, default=8,
+                 help="CPU devices: >1 simulates that many (unless XLA_FLAGS already sets a count)")
   p.add_argument("--json", help="write the results here")
   args = p.parse_args()
+  if args.devices < 1:
+    p.error(f"--devices must be >= 1, got {args.devices}")
+  if len(jax.devices()) != args.devices:
+    p.error(f"--devices={args.devices} but jax sees {len(jax.devices())} (XLA_FLAGS="
+            f"{os.environ.get('XLA_FLAGS', '')!r} sets the count)")
 
   progs = {"full": program.build(make_config(args, 0)),
            "lora": program.build(make_config(args, args.rank))}

@@ -1,7 +1,9 @@
 """LoRA adapters and NEFTune: layouts agree, only adapters train, checkpoints, merge and export."""
 
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,6 +152,33 @@ def test_adapter_only_checkpoint_is_small_resumes_and_exports_merged(tmp_path):
   np.testing.assert_allclose(resumed, losses[2:], rtol=1e-6)
   jax.tree.map(np.testing.assert_array_equal, nnx.state(workdir_lib.load(run)[0], nnx.Param),
                merged_before)
+
+
+def saved_bytes(rank, capsys):
+  """Bytes of the activations the backward reads (not the arguments), as jax prints them."""
+  prog = program.build(tiny(**{"lora.rank": rank, "model.remat_policy": "save_dots_no_batch"}),
+                       jax.devices()[:1])
+  with prog.activate():
+    params, base = nnx.split_state(prog.abstract_state()["params"], prog.trainable, ...)
+    loss = lambda p, b, batch: step_lib.loss_sums(p, prog.graphdef, batch, None, 0.0, base=b)[0]
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(loss, params, base, prog.abstract_batch())
+  total = 0
+  for line in capsys.readouterr().out.splitlines():
+    dtype, shape = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
+    if "from the argument" not in line:
+      bits = int(re.sub(r"\D", "", dtype) or 8)  # f32, bf16, i32; bool is a byte
+      total += math.prod(int(d) for d in shape.split(",") if d) * bits // 8
+  return prog, total
+
+
+def test_save_dots_no_batch_keeps_only_the_adapters_rank_wide_inputs(capsys):
+  """An adapter's [B, T, r] x [r, out] is recomputed, not a second saved [B, T, out] per kernel."""
+  full, full_bytes = saved_bytes(0, capsys)
+  lora_prog, lora_bytes = saved_bytes(8, capsys)
+  m, c = full.model_cfg, full.config
+  # 7 adapted kernels per layer (q, k, v, o, gate, up, down), each keeping its f32 [B, T, r].
+  assert lora_bytes - full_bytes == 7 * m.num_layers * full.global_batch * c.seq_len * 8 * 4
 
 
 def test_neftune_noise_has_the_papers_scale_and_is_off_at_eval():

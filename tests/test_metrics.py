@@ -8,7 +8,9 @@ import jax
 import ml_collections
 import pytest
 
+from configs import default
 from spjax.train import metrics
+from spjax.train import program
 
 
 def test_flops_per_token_by_hand():
@@ -71,3 +73,37 @@ def test_write_config(tmp_path):
   config = ml_collections.ConfigDict({"seed": 3, "optimizer": {"name": "adamw"}})
   metrics.write_config(tmp_path, config)
   assert json.loads((tmp_path / "config.json").read_text()) == config.to_dict()
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_flops_per_token_of_a_program_counts_lora_honestly(rank):
+  """Under LoRA the frozen base costs 4 FLOPs per weight (forward, input gradients), adapters 6."""
+  config = default.get_config("tiny")
+  config.lora.rank = rank
+  prog = program.build(config)
+  m = prog.model_cfg
+  D, F, L, V, T = m.d_model, m.mlp_dim, m.num_layers, m.vocab_size, config.seq_len
+  q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  n = L * (2 * D * q + 2 * D * kv + 3 * D * F) + D * V  # q, o, k, v, gate, up, down; unembedding
+  # rank r adapters on every default target: A [in, r] + B [r, out] per kernel per layer.
+  adapters = L * rank * (2 * (D + q) + 2 * (D + kv) + 3 * (D + F))
+  attention = 6 * L * T * q
+  expected = (4 * n + 6 * adapters if rank else 6 * n) + attention
+  assert prog.flops_per_token() == expected
+  assert m.gated_mlp and config.lora.targets == ("attn/(q|k|v|o)$", "mlp/(gate|up|down)$")
+
+
+def test_flops_per_token_of_a_program_adds_the_teachers_forward(tmp_path):
+  """A distillation teacher runs forward only: 2 FLOPs per weight, 2 L T H Dh for attention."""
+  teacher = default.get_config("tiny")
+  teacher.model.num_layers = 3
+  metrics.write_config(tmp_path, teacher)  # config.json is all the shapes need
+  config = default.get_config("tiny")
+  student = program.build(config).flops_per_token()
+  config.distill.teacher = str(tmp_path)
+  prog = program.build(config)
+  m = prog.model_cfg
+  D, F, V, T = m.d_model, m.mlp_dim, m.vocab_size, config.seq_len
+  q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  forward = 3 * (2 * (2 * D * q + 2 * D * kv + 3 * D * F) + 2 * T * q) + 2 * D * V
+  assert prog.flops_per_token() == student + forward

@@ -7,7 +7,9 @@ Prints and writes per-device memory (arguments, outputs, temporaries; total agai
 compile time, the collectives of the compiled step, and ESTIMATES of step time and MFU:
 
 - Model FLOPs per step = spjax.train.metrics.flops_per_token (6 N + 6 L T H Dh: every matmul weight twice
-  forward and four times backward, plus causal attention) x tokens per step.
+  forward and four times backward, plus causal attention; under LoRA 4 N + 6 x the adapters'
+  params + the same attention term: frozen weights get no weight gradients; plus a distillation
+  teacher's forward, a third of its 6 N + 6 L T H Dh) x tokens per step.
 - Compute time = the sum over every op the step executes of the cycles XLA's TPU cost model
   records for it (`estimated_cycles`), over the chip's clock. The cost model costs a scanned loop
   body once, so ops inside a loop (the layer scan, gradient accumulation, windowed einsums) are
@@ -48,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -144,7 +147,7 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
   chips = len(devices)
   peak = metrics.peak_flops_per_device(devices[0])
   tokens = prog.global_batch * config.seq_len
-  model_flops = metrics.flops_per_token(config.model, config.seq_len) * tokens
+  model_flops = prog.flops_per_token() * tokens
   result = {
       "topology": topology, "num_slices": num_slices, "chips": chips,
       "device_kind": devices[0].device_kind, "peak_tflops_per_chip": peak / 1e12,
@@ -156,6 +159,10 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
                | {"attention": prog.model_cfg.attention},  # "auto" resolved
       "params": prog.model_cfg.num_params(),
       "active_params": prog.model_cfg.num_active_params(),  # what a token uses (MoE: k experts)
+      "lora_rank": config.lora.rank,  # 0: full fine-tuning (every param trains)
+      "trainable_params": sum(p.size for p in jax.tree.leaves(
+          nnx.filter_state(prog.abstract_params, prog.trainable))),
+      "teacher_params": prog.teacher.model_cfg.num_params() if prog.teacher else 0,  # distill
       "per_device_batch_size": config.per_device_batch_size, "seq_len": config.seq_len,
       "grad_accum_steps": config.grad_accum_steps, "tokens_per_step": tokens,
       "hbm_gib_per_device": CHIPS[chip]["hbm"] / GIB,
@@ -219,10 +226,13 @@ def table(r: dict) -> str:
   m = r["model"]
   mesh = " x ".join(f"{a}={s}" for a, s in r["mesh"].items()) or "1 device"
   fit = "fits" if r["fits"] else "DOES NOT FIT"
+  teacher = f", teacher {r['teacher_params'] / 1e9:.2f}B params" if r["teacher_params"] else ""
   lines = [
       f"{r['topology']} x{r['num_slices']} slice(s): {r['chips']} chips ({r['device_kind']}, "
       f"{r['peak_tflops_per_chip']:.0f} TFLOP/s bf16, {r['hbm_gib_per_device']:.0f} GiB HBM)",
-      f"model {r['params'] / 1e9:.2f}B params ({r['active_params'] / 1e9:.2f}B active), d_model {m['d_model']}, {m['num_layers']} layers, "
+      f"model {r['params'] / 1e9:.2f}B params ({r['active_params'] / 1e9:.2f}B active, "
+      f"{r['trainable_params'] / 1e6:.1f}M trainable, LoRA rank {r['lora_rank']}{teacher}), "
+      f"d_model {m['d_model']}, {m['num_layers']} layers, "
       f"scan_layers={m['scan_layers']}, remat={m['remat_policy']}, {m['attention']} attention; batch "
       f"{r['per_device_batch_size']}/device x {r['seq_len']} x {r['grad_accum_steps']} accum = "
       f"{r['tokens_per_step']:,} tokens/step",

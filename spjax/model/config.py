@@ -11,6 +11,7 @@ Sizes (parameters, untied embeddings, vocab 32000 except tiny):
 """
 
 import dataclasses
+import math
 
 import jax
 import ml_collections
@@ -34,18 +35,36 @@ def _dots_one_contraction_no_batch(prim, *_, **params) -> bool:
   return False
 
 
+_LOW_RANK = 128  # contractions shorter than this (one MXU pass) are not projections: see below
+
+
+def _unless_low_rank(policy):
+  """`policy`, but never an unbatched product contracting fewer than _LOW_RANK elements: a LoRA
+  adapter's [B, T, r] x [r, *out] costs 2 r FLOPs per output, cheaper to redo from the saved
+  [B, T, r] than to store; saved, it would double every adapted projection's stacked [B, T, out]
+  activations. (Batched products, attention's, are left to `policy`.)"""
+  def saveable(prim, *args, **params):
+    if prim is jax.lax.dot_general_p:
+      (contract, _), (batch, _) = params["dimension_numbers"]
+      if not batch and math.prod(args[0].shape[d] for d in contract) < _LOW_RANK:
+        return False
+    return policy(prim, *args, **params)
+  return saveable
+
+
 REMAT_POLICIES = {
     "none": None,  # keep every activation for the backward pass
     "full": _CP.nothing_saveable,  # recompute the whole block
     # keep matmul outputs (with batch dims: attention scores too), recompute the rest
-    "save_dots": _CP.save_from_both_policies(_CP.checkpoint_dots, _KEEP_ATTENTION),
-    # keep the projections' outputs but the attention output's; recompute einsum attention from
-    # q, k and v, and the output projection from the attention output
-    "save_dots_no_batch": _CP.save_from_both_policies(_dots_one_contraction_no_batch,
-                                                      _KEEP_ATTENTION),
+    "save_dots": _unless_low_rank(_CP.save_from_both_policies(_CP.checkpoint_dots,
+                                                              _KEEP_ATTENTION)),
+    # keep the projections' outputs except the attention output projection's; recompute einsum
+    # attention from q, k and v, and the output projection from the attention output
+    "save_dots_no_batch": _unless_low_rank(_CP.save_from_both_policies(
+        _dots_one_contraction_no_batch, _KEEP_ATTENTION)),
     # as save_dots_no_batch, but the fused attention's output is not kept either: its forward kernel
     # runs again in the backward pass (a [B, T, H, Dh] less per layer, for its FLOPs)
-    "save_projections": _dots_one_contraction_no_batch,
+    "save_projections": _unless_low_rank(_dots_one_contraction_no_batch),
 }
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),

@@ -45,7 +45,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      f"vocabulary ({tokenizer.vocab_size}); raise model.vocab_size")
   # config.json records the chat template the run trains with, for spjax-generate --prompts_file.
   config.data.chat_template = instruct.resolve_template(config.data.chat_template, tokenizer)
-  flops_per_token = metrics_lib.flops_per_token(model_cfg, config.seq_len)
+  flops_per_token = prog.flops_per_token()  # LoRA-aware: a frozen base does no weight gradients
   peak_flops = mesh.size * metrics_lib.peak_flops_per_device(jax.devices()[0],
                                                              config.peak_tflops_per_device)
   primary = jax.process_index() == 0

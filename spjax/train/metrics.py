@@ -24,7 +24,8 @@ _PEAK_FLOPS = (
 )
 
 
-def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float:
+def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int,
+                    lora_params: int = 0) -> float:
   """Training FLOPs (forward + backward) per token: `6 * N + 6 * L * T * H * Dh`.
 
   N counts the weights of every matmul: per layer q and o (d_model x H*Dh each), k and v
@@ -39,6 +40,11 @@ def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float
 
   Mixture-of-experts layers count the weights a token is multiplied by: experts_per_token
   experts' MLPs plus the router (d_model x num_experts); dispatch and combine are not counted.
+
+  Under LoRA (`lora_params` = the adapters' parameter count, > 0) the base weights are frozen:
+  they get no weight gradients, only the gradients of their inputs, 2 FLOPs forward + 2 backward
+  per weight, so `4 * N`; each adapter weight costs the full 6; attention is unchanged (its
+  backward still runs for the adapters below it): `4 * N + 6 * lora_params + 6 * L * T * H * Dh`.
   """
   m = model_cfg
   attention = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o, k, v
@@ -47,7 +53,8 @@ def flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> float
   if getattr(m, "num_experts", 0):  # each MoE layer: k experts' MLPs and the router, not one MLP
     moe_layers = m.num_layers // m.moe_every
     n += moe_layers * ((m.experts_per_token - 1) * mlp + m.d_model * m.num_experts)
-  return float(6 * n + 6 * m.num_layers * seq_len * m.num_heads * m.head_dim)
+  weights = 4 * n + 6 * lora_params if lora_params else 6 * n
+  return float(weights + 6 * m.num_layers * seq_len * m.num_heads * m.head_dim)
 
 
 def peak_flops_per_device(device: jax.Device, override_tflops: float = 0.0) -> float:

@@ -23,6 +23,7 @@ from spjax.model import attention
 from spjax.model import model as model_lib
 from spjax.model import moe
 from spjax.parallel import layouts, pipeline, sharding
+from spjax.train import metrics
 from spjax.train import optim
 from spjax.train import step as step_lib
 from spjax.tune import distill
@@ -108,6 +109,17 @@ class Program:
   def trainable(self):
     """Filter of the params that get gradients and optimizer state: LoRA adapters, else all."""
     return _trainable(self.config)
+
+  def flops_per_token(self) -> float:
+    """Training FLOPs per token of this run (spjax.train.metrics.flops_per_token): under LoRA the
+    frozen base does no weight gradients and the adapters train, so their count goes in; a
+    distillation teacher runs forward only, a third of its training FLOPs (2 of 6 per weight)."""
+    adapters = nnx.filter_state(self.abstract_params, lora.ADAPTERS) if self.config.lora.rank else {}
+    flops = metrics.flops_per_token(self.model_cfg, self.config.seq_len,
+                                    sum(p.size for p in jax.tree.leaves(adapters)))
+    if self.teacher:
+      flops += metrics.flops_per_token(self.teacher.model_cfg, self.config.seq_len) / 3
+    return flops
 
   def init_state(self, params=None):
     """Step 0: `params` (default: freshly initialised from the seed) and new optimizer moments.
