@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-CONFIG_KEY = "quantization"  # {"bits", "group_size", "embeddings"} in a quantized workdir's config.json
+CONFIG_KEY = "quantization"  # a quantized workdir's config.json: Spec.to_dict()
 _CONTRACTED = {"o": ("heads", "head_dim"), "down": ("mlp",)}  # the rest contract "embed"
 _MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 _EMBEDDINGS = ("embed", "unembed")
