@@ -125,12 +125,12 @@ def test_scales_carry_logical_names_so_a_layout_shards_them():
 @pytest.fixture(scope="module")
 def quantized(trained_workdir, tmp_path_factory):
   """{bits: quantized workdir} written by the command: int8 per channel (its layers multiplying by
-  two int8 limbs of x), int4 in groups."""
+  two int8 limbs of x, the default), int4 in groups."""
   out = {}
-  for bits, extra in ((8, ["--activations=int8x2"]), (4, [])):
+  for bits in (8, 4):
     directory = tmp_path_factory.mktemp(f"int{bits}")
     result = command("tools/quantize.py", f"--workdir={trained_workdir}", f"--bits={bits}",
-                     f"--out={directory}", f"--json={directory}/bytes.json", *extra)
+                     f"--out={directory}", f"--json={directory}/bytes.json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights" in result.stdout and "scales" in result.stdout
     out[bits] = directory

@@ -105,7 +105,7 @@ def int8_matmul(x, q, scale, activations: str):
     x2 = jnp.clip(jnp.round((x - x1 * sx) * (254 / sx)), -127, 127)
     rows = jnp.concatenate([x1, x2])  # [2M, K]
   else:  # a one-row dot is a matrix-vector product XLA:CPU does in int32: give it a second row
-    rows = x1 if m > 1 else jnp.concatenate([x1, jnp.zeros_like(x1)])
+    rows = x1 if m > 1 else jnp.concatenate([x1, x1])  # (a zero row XLA folds back into one)
   acc = jax.lax.dot_general(rows.astype(jnp.int8), q, (((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.int32).astype(jnp.float32)  # [2M | M, N]
   y = acc[:m] + acc[m:] * (1 / 254) if activations == "int8x2" else acc[:m]
@@ -290,8 +290,9 @@ def main(argv):
       raise ValueError(f"{FLAGS.workdir} is quantized already ({config[CONFIG_KEY]}); quantize "
                        "its source")
     group = FLAGS.group_size if FLAGS.group_size is not None else (128 if FLAGS.bits == 4 else 0)
+    activations = FLAGS.activations or ("int8x2" if FLAGS.bits == 8 and not group else "float")
     spec = Spec.from_dict({"bits": FLAGS.bits, "group_size": group,
-                           "embeddings": FLAGS.embeddings, "activations": FLAGS.activations})
+                           "embeddings": FLAGS.embeddings, "activations": activations})
     with workdirs.layout_scope(FLAGS.layout or config["layout"]) as (mesh, layout):
       params, _, step = workdir_lib.load_params(FLAGS.workdir, FLAGS.step)
       target = shardings(abstract(jax.eval_shape(lambda: params), spec), mesh, layout)
@@ -321,9 +322,10 @@ def run():
   flags.DEFINE_integer("group_size", None, "Entries per scale along the contracted axis; 0 = per "
                        "channel. Default 128 for --bits=4, 0 for --bits=8.")
   flags.DEFINE_bool("embeddings", False, "Also quantize the token embedding and unembedding.")
-  flags.DEFINE_enum("activations", "float", list(ACTIVATIONS), "How layers multiply by int8 "
+  flags.DEFINE_enum("activations", None, list(ACTIVATIONS), "How layers multiply by int8 "
                     "per-channel weights: float (dequantize), int8x2 (two int8 limbs: weight-only "
-                    "accuracy, integer kernels), int8 (w8a8). See spjax/compress/quantize.py.")
+                    "accuracy, integer kernels), int8 (w8a8). Default int8x2 for int8 per channel, "
+                    "else float. See spjax/compress/quantize.py.")
   flags.DEFINE_string("layout", None, "Layout to place the params under; default the run's.")
   flags.DEFINE_string("json", "", "Write the step, spec and byte counts to this JSON file.")
   flags.mark_flags_as_required(["workdir", "out", "bits"])
