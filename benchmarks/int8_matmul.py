@@ -9,9 +9,10 @@ product feeding the next), one jitted call per formulation. Weights int8 per out
   a_deq       x @ (q.astype(f32) * s)                      (dequantize the weight, then the dot)
   b_out       (x @ q.astype(f32)) * s                      (convert only; scale the output)
   c_w8a8      per-row absmax int8 x, dot_general int8 x int8 -> int32, * sx * s
-  c_w8a8_pad  c_w8a8 with a batch of 1 padded to 2 rows (XLA does a 1-row int8 dot in int32)
+  c_w8a8_pad  c_w8a8 with a batch of 1 padded to 2 rows (XLA does a 1-row int8 dot in int32):
+              spjax.compress.quantize.int8_matmul(..., "int8")
   g_limbs     x split in two int8 limbs, x ~ sx * (x1 + x2 / 254) (about 15 bits), both rows of
-              one int8 x int8 dot: weight-only accuracy from an int8 kernel
+              one int8 x int8 dot: weight-only accuracy from an int8 kernel (int8_matmul "int8x2")
   d_mixed     dot_general(x f32, q int8, preferred f32) * s  (mixed operand types)
   e_bf16      (x.astype(bf16) @ q.astype(bf16)) f32-accumulated * s  (int8 is exact in bf16)
   f_tiled     b_out over column blocks of 256 in a loop (each block's f32 copy stays in cache)
@@ -34,6 +35,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
 FLAG_SETS = {
     "default": "",
     "ynn": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise",
@@ -53,6 +56,7 @@ def measure(batches, rounds):
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from spjax.compress import quantize
   f32 = jnp.float32
 
   rng = np.random.RandomState(0)
@@ -95,19 +99,11 @@ def measure(batches, rounds):
     xq = jnp.clip(jnp.round(x / sx), -127, 127).astype(jnp.int8)
     return int8_dot(xq, q).astype(f32) * sx * s
 
-  def c_w8a8_pad(x, qs):  # one row is a matvec XLA does in int32; two rows go to YNNPACK's int8
-    if x.shape[0] > 1:
-      return c_w8a8(x, qs)
-    return c_w8a8(jnp.concatenate([x, x]), qs)[:1]  # a zero row XLA would fold back into one
+  def c_w8a8_pad(x, qs):  # spjax's "int8": one row padded to two (XLA does one in int32)
+    return quantize.int8_matmul(x, *qs, "int8")
 
-  def g_limbs(x, qs):  # x = sx * x1 + sx / 254 * x2 (two int8 limbs, ~15 bits): one int8 dot
-    q, s = qs
-    b = x.shape[0]
-    sx = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-30) / 127  # [B, 1]
-    x1 = jnp.clip(jnp.round(x / sx), -127, 127)
-    x2 = jnp.clip(jnp.round((x - x1 * sx) * (254 / sx)), -127, 127)
-    acc = int8_dot(jnp.concatenate([x1, x2]).astype(jnp.int8), q).astype(f32)  # [2B, N]
-    return (acc[:b] + acc[b:] * (1 / 254)) * sx * s
+  def g_limbs(x, qs):  # spjax's "int8x2": x ~ sx * (x1 + x2 / 254), both limbs rows of one dot
+    return quantize.int8_matmul(x, *qs, "int8x2")
 
   def d_mixed(x, qs):
     q, s = qs

@@ -103,12 +103,15 @@ def int8_matmul(x, q, scale, activations: str):
   x1 = jnp.clip(jnp.round(x / sx), -127, 127)
   if activations == "int8x2":  # the rounding residual, in [-sx/2, sx/2], on 254 steps per sx
     x2 = jnp.clip(jnp.round((x - x1 * sx) * (254 / sx)), -127, 127)
-    rows = jnp.concatenate([x1, x2])  # [2M, K]
-  else:  # a one-row dot is a matrix-vector product XLA:CPU does in int32: give it a second row
-    rows = x1 if m > 1 else jnp.concatenate([x1, x1])  # (a zero row XLA folds back into one)
-  acc = jax.lax.dot_general(rows.astype(jnp.int8), q, (((1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.int32).astype(jnp.float32)  # [2M | M, N]
-  y = acc[:m] + acc[m:] * (1 / 254) if activations == "int8x2" else acc[:m]
+    rows = jnp.stack([x1, x2], axis=1)  # [M, 2, K]: a row's limbs side by side, so a sharded M
+  elif m == 1:  # stays sharded. A one-row dot is a matrix-vector product XLA:CPU does in int32:
+    rows = jnp.stack([x1, x1], axis=1)  # give it a second row (a zero row XLA folds back)
+  else:
+    rows = x1[:, None]  # [M, 1, K]
+  acc = jax.lax.dot_general(rows.reshape(-1, x.shape[1]).astype(jnp.int8), q,
+                            (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+  acc = acc.astype(jnp.float32).reshape(m, rows.shape[1], -1)  # [M, 2 | 1, N]
+  y = acc[:, 0] + acc[:, 1] * (1 / 254) if activations == "int8x2" else acc[:, 0]
   return y * sx * scale
 
 
