@@ -1,5 +1,6 @@
 """Weight-only int8 / int4 quantization: error bounds, logits, decoding, the quantized workdir."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -48,6 +49,45 @@ def test_int4_groups_have_one_scale_per_group_and_bound_the_error_by_group():
   assert float(jnp.max(error[1:, :, 0])) < float(jnp.max(error[0, :, 0])) / 20  # groups apart
 
 
+def test_int8_products_from_integers_are_within_their_activation_rounding_bounds():
+  w = jax.random.normal(jax.random.key(2), (96, 40))  # [K, N]
+  q = qz.quantize_array(w, (-2,), 8, 0)
+  dequantized = q[...]
+  for m in (1, 3):  # one row takes the padded path of "int8"
+    x = jax.random.normal(jax.random.key(3), (m, 96)) * jnp.linspace(0.1, 4.0, 96)
+    exact = np.asarray(x @ dequantized, np.float64)
+    # x is rounded per row to steps of max|x| / 127 (int8) or / (127 * 254) (int8x2, two limbs):
+    # off by at most half a step per entry, so each output by that times sum_k |w_kn|.
+    col = np.abs(np.asarray(dequantized)).sum(0)  # [N]
+    top = np.abs(np.asarray(x)).max(-1, keepdims=True)  # [M, 1]
+    errors = {}
+    for mode, step in (("int8x2", 127 * 254), ("int8", 127)):
+      y = np.asarray(qz.int8_matmul(x, q.qvalue, q.scale, mode), np.float64)
+      assert y.shape == (m, 40)
+      errors[mode] = np.abs(y - exact)
+      assert np.all(errors[mode] <= top / step / 2 * col * 1.001 + 1e-5), mode
+    assert errors["int8x2"].max() < errors["int8"].max() / 50  # the second limb really counts
+
+
+def test_layers_multiply_by_int8_weights_as_the_spec_says():
+  cfg = dataclasses.replace(model_lib.SIZES["tiny"], dtype="float32", scan_layers=False)
+  graphdef, state = nnx.split(model_lib.Transformer(cfg, nnx.Rngs(0)))
+  tokens = np.arange(32, dtype=np.int32).reshape(2, 16) * 7 % 1024
+  logits = {}
+  for mode in qz.ACTIVATIONS:
+    qstate = qz.quantize_params(state, qz.Spec(8, 0, False, mode))
+    assert qstate["blocks"][0]["mlp"]["up"].get_raw_value().activations == mode
+    logits[mode] = np.asarray(nnx.jit(lambda m: m(tokens))(nnx.merge(graphdef, qstate)))
+  scale = np.abs(logits["float"]).max()
+  assert np.abs(logits["int8x2"] - logits["float"]).max() / scale < 2e-4
+  assert 2e-4 < np.abs(logits["int8"] - logits["float"]).max() / scale < 0.05  # w8a8 rounds x
+  with pytest.raises(ValueError, match="activations 'int8x2' needs bits 8 per channel"):
+    qz.Spec.from_dict({"bits": 4, "group_size": 128, "embeddings": False, "activations": "int8x2"})
+  with pytest.raises(ValueError, match="activations must be one of float, int8x2, int8"):
+    qz.Spec.from_dict({"bits": 8, "group_size": 0, "embeddings": False, "activations": "fp8"})
+  assert qz.Spec.from_dict({"bits": 8, "group_size": 0, "embeddings": False}).activations == "float"
+
+
 def test_each_matrix_contracts_its_input_axes_and_embeddings_only_when_asked():
   cfg = model_lib.SIZES["tiny"]
   abstract = nnx.state(nnx.eval_shape(lambda: model_lib.Transformer(cfg, nnx.Rngs(0))), nnx.Param)
@@ -84,7 +124,8 @@ def test_scales_carry_logical_names_so_a_layout_shards_them():
 
 @pytest.fixture(scope="module")
 def quantized(trained_workdir, tmp_path_factory):
-  """{bits: quantized workdir} written by the command, int8 per channel and int4 in groups."""
+  """{bits: quantized workdir} written by the command: int8 per channel (its layers multiplying by
+  two int8 limbs of x, the default), int4 in groups."""
   out = {}
   for bits in (8, 4):
     directory = tmp_path_factory.mktemp(f"int{bits}")
@@ -98,7 +139,9 @@ def quantized(trained_workdir, tmp_path_factory):
 
 def test_the_quantized_checkpoint_holds_integers_and_scales(quantized):
   config = json.load(open(quantized[4] / "config.json"))
-  assert config["quantization"] == {"bits": 4, "group_size": 128, "embeddings": False}
+  assert config["quantization"] == {"bits": 4, "group_size": 128, "embeddings": False,
+                                    "activations": "float"}
+  assert json.load(open(quantized[8] / "config.json"))["quantization"]["activations"] == "int8x2"
   from spjax.train import checkpoint
   meta = checkpoint.Checkpointer(str(quantized[8]), max_to_keep=1, save_every_steps=1).metadata(20)
   up = meta["params"]["blocks"]["mlp"]["up"]["value"]
@@ -132,9 +175,15 @@ def test_int8_logits_are_close_to_float_and_int4_further(trained_workdir, quanti
   assert np.mean(logits[8].argmax(-1) == logits["fp32"].argmax(-1)) > 0.95
 
 
-def test_quantized_decode_equals_decoding_the_dequantized_weights(quantized):
-  model, _ = workdir_lib.load(str(quantized[4]))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_decode_equals_decoding_the_dequantized_weights(quantized, bits):
+  """int4 dequantizes inside the layers: the same arithmetic. int8 (int8x2) multiplies by the
+  integers with x rounded to ~15 bits: its logits within 2e-4 of the dequantized weights' (the
+  greedy tokens could part on a near tie; on this model they do not)."""
+  model, _ = workdir_lib.load(str(quantized[bits]))
   graphdef, state = nnx.split(model)
+  assert {v.activations for v in jax.tree.leaves(state, is_leaf=lambda v: isinstance(
+      v, qz.QArray)) if isinstance(v, qz.QArray)} == {"int8x2" if bits == 8 else "float"}
   dequantized = nnx.merge(graphdef, jax.tree.map(
       lambda v: v.dequantize() if isinstance(v, qz.QArray) else v, state,
       is_leaf=lambda v: isinstance(v, qz.QArray)))
@@ -143,6 +192,9 @@ def test_quantized_decode_equals_decoding_the_dequantized_weights(quantized):
   ours = decode.generate(model_lib.unrolled(model), prompts, max_new_tokens=12)
   reference = decode.generate(dequantized, prompts, max_new_tokens=12)
   assert ours == reference and len(ours[0]) == 12
+  tokens = np.asarray([prompts[0] + ours[0]])
+  logits = [np.asarray(nnx.jit(lambda m: m(tokens))(m)) for m in (model, dequantized)]
+  assert np.abs(logits[0] - logits[1]).max() / np.abs(logits[1]).max() < 2e-4
 
 
 def test_bad_bits_and_requantizing_exit_2(trained_workdir, quantized, tmp_path):
@@ -152,3 +204,6 @@ def test_bad_bits_and_requantizing_exit_2(trained_workdir, quantized, tmp_path):
   result = command("tools/quantize.py", f"--workdir={quantized[8]}", "--bits=4",
                    f"--out={tmp_path}/q")
   assert result.returncode == 2 and "is quantized already" in result.stderr
+  result = command("tools/quantize.py", f"--workdir={trained_workdir}", "--bits=4",
+                   "--activations=int8", f"--out={tmp_path}/q")
+  assert result.returncode == 2 and "activations 'int8' needs bits 8 per channel" in result.stderr

@@ -10,6 +10,19 @@ Symmetric absmax: scale = max |w| / qmax over the contracted axes of each output
 qmax 127), or over each group of `group_size` consecutive entries of the last contracted axis (int4,
 qmax 7); w ~ round(w / scale) * scale, off by at most scale / 2 per entry.
 
+How a layer multiplies by an int8 per-channel weight is the spec's `activations` (each is measured
+in BENCHMARKS.md, "Decode speed, int8 weights"):
+  "float"   dequantize the weight, then the float matmul: exactly x @ (q * scale). XLA:CPU does
+            not fuse the dequantize into the dot, so each weight is written out in float32 and
+            read back: slower than float32 weights.
+  "int8x2"  x split per row into two int8 limbs, x ~ sx * (x1 + x2 / 254) (an error of at most
+            max|x| / 64516 per entry, about 15 bits), both limbs the rows of one int8 x int8 ->
+            int32 dot (XLA:CPU hands it to YNNPACK's int8 kernels), times sx and the scales:
+            weight-only accuracy from integer kernels, reading each weight once as int8.
+  "int8"    w8a8: x quantized per row to int8 (absmax), one int8 dot: activations rounded to 8
+            bits, so the model's quality changes (measured perplexity in BENCHMARKS.md).
+Groups (int4) and the embeddings always take "float".
+
 Which axes a matrix contracts is known from its name: attention o contracts (heads, head_dim), the
 MLP's down contracts mlp, every other matrix contracts embed. The token embedding [V, D] gets one
 scale per row, which serves both the lookup and the tied unembedding; embeddings are quantized only
@@ -24,12 +37,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-CONFIG_KEY = "quantization"  # {"bits", "group_size", "embeddings"} in a quantized workdir's config.json
+CONFIG_KEY = "quantization"  # a quantized workdir's config.json: Spec.to_dict()
 _CONTRACTED = {"o": ("heads", "head_dim"), "down": ("mlp",)}  # the rest contract "embed"
 _MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 _EMBEDDINGS = ("embed", "unembed")
 _QMAX = {8: 127, 4: 7}
 _DTYPES = {8: jnp.int8, 4: jnp.int4}
+ACTIVATIONS = ("float", "int8x2", "int8")  # how x meets an int8 per-channel weight (above)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +54,7 @@ class QArray:
   #                   last contracted axis in groups (size / group_size)
   axes: tuple[int, ...]  # the contracted axes, counted from the end (a layer stack adds a leading L)
   group_size: int  # 0 = per output channel
+  activations: str = "float"  # one of ACTIVATIONS: how `product` multiplies by this weight
 
   @property
   def shape(self):
@@ -60,9 +75,53 @@ class QArray:
   def __getitem__(self, index):
     return self.dequantize()[index]
 
+  def product(self, x, fn, dtype):
+    """fn(x, weight in dtype), the layer's product of x with this weight, whose contracted axes are
+    x's trailing ones in order; "int8x2" / "int8" compute it from the integers (`int8_matmul`)."""
+    nc = len(self.axes)
+    leading = self.axes == tuple(range(-self.qvalue.ndim, -self.qvalue.ndim + nc))
+    if self.activations == "float" or self.group_size or not leading:
+      return fn(x, self.dequantize().astype(dtype))
+    shape = self.qvalue.shape
+    k, n = math.prod(shape[:nc]), math.prod(shape[nc:])
+    y = int8_matmul(x.reshape(-1, k), self.qvalue.reshape(k, n), self.scale.reshape(1, n),
+                    self.activations)  # [M, N] float32
+    return y.reshape(x.shape[:-nc] + shape[nc:]).astype(dtype)
+
 
 jax.tree_util.register_dataclass(QArray, data_fields=["qvalue", "scale"],
-                                 meta_fields=["axes", "group_size"])
+                                 meta_fields=["axes", "group_size", "activations"])
+
+
+def int8_matmul(x, q, scale, activations: str):
+  """x [M, K] (float) x the int8 weight q [K, N] with scale [1, N] -> [M, N] float32, the
+  activations "int8x2" (two int8 limbs) or "int8" (one): see the module docstring. int32
+  accumulation holds any K below 2^31 / 127^2 = 133,000."""
+  x = x.astype(jnp.float32)
+  m = x.shape[0]
+  sx = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-30) / 127  # [M, 1]
+  x1 = jnp.clip(jnp.round(x / sx), -127, 127)
+  if activations == "int8x2":  # the rounding residual, in [-sx/2, sx/2], on 254 steps per sx
+    x2 = jnp.clip(jnp.round((x - x1 * sx) * (254 / sx)), -127, 127)
+    rows = jnp.stack([x1, x2], axis=1)  # [M, 2, K]: a row's limbs side by side, so a sharded M
+  elif m == 1:  # stays sharded. A one-row dot is a matrix-vector product XLA:CPU does in int32:
+    rows = jnp.stack([x1, x1], axis=1)  # give it a second row (a zero row XLA folds back)
+  else:
+    rows = x1[:, None]  # [M, 1, K]
+  acc = jax.lax.dot_general(rows.reshape(-1, x.shape[1]).astype(jnp.int8), q,
+                            (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+  acc = acc.astype(jnp.float32).reshape(m, rows.shape[1], -1)  # [M, 2 | 1, N]
+  y = acc[:, 0] + acc[:, 1] * (1 / 254) if activations == "int8x2" else acc[:, 0]
+  return y * sx * scale
+
+
+def with_activations(params, activations: str):
+  """A param State with every QArray set to multiply as `activations` says (one of ACTIVATIONS)."""
+  if activations not in ACTIVATIONS:
+    raise ValueError(f"quantization activations must be one of {ACTIVATIONS}, got {activations!r}")
+  return jax.tree.map(
+      lambda v: dataclasses.replace(v, activations=activations) if isinstance(v, QArray) else v,
+      params, is_leaf=lambda v: isinstance(v, QArray))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +130,18 @@ class Spec:
   bits: int = 8
   group_size: int = 0  # 0 = one scale per output channel
   embeddings: bool = False  # also the token embedding and the unembedding
+  activations: str = "float"  # how layers multiply by int8 per-channel weights (ACTIVATIONS)
 
   @classmethod
   def from_dict(cls, d) -> "Spec":
-    spec = cls(int(d["bits"]), int(d["group_size"]), bool(d["embeddings"]))
+    spec = cls(int(d["bits"]), int(d["group_size"]), bool(d["embeddings"]),
+               str(d.get("activations", "float")))  # workdirs written before it: "float"
+    if spec.activations not in ACTIVATIONS:
+      raise ValueError(f"quantization activations must be one of {', '.join(ACTIVATIONS)}, got "
+                       f"{spec.activations!r}")
+    if spec.activations != "float" and (spec.bits != 8 or spec.group_size):
+      raise ValueError(f"quantization activations {spec.activations!r} needs bits 8 per channel "
+                       f"(group_size 0), got bits {spec.bits} group_size {spec.group_size}")
     if spec.bits not in _QMAX:
       raise ValueError(f"quantization bits must be 8 or 4, got {spec.bits}")
     if spec.group_size < 0:
@@ -142,7 +209,8 @@ def abstract(abstract_params, spec: Spec):
       for a in axes[:-1]:
         scale[a] = shape[a]  # grouped scales keep the other contracted axes (o: one per head)
     return var.replace(QArray(jax.ShapeDtypeStruct(shape, _DTYPES[spec.bits]),
-                              jax.ShapeDtypeStruct(tuple(scale), jnp.float32), axes, group))
+                              jax.ShapeDtypeStruct(tuple(scale), jnp.float32), axes, group,
+                              spec.activations))
   return _map_vars(one, abstract_params)
 
 
@@ -158,7 +226,7 @@ def shardings(abstract_qparams, mesh, layout):
     scale_names = tuple(None if i in contracted else n for i, n in enumerate(names))
     return var.replace(QArray(NamedSharding(mesh, layout.spec(names)),
                               NamedSharding(mesh, layout.spec(scale_names)), value.axes,
-                              value.group_size))
+                              value.group_size, value.activations))
   return _map_vars(one, abstract_qparams)
 
 
@@ -169,7 +237,8 @@ def quantize_params(params, spec: Spec, target_shardings=None):
     if axes is None:
       return var
     group = _group(path, tuple(var.shape), axes, spec)
-    return var.replace(_quantize_jit(var[...], axes, spec.bits, group))
+    q = _quantize_jit(var[...], axes, spec.bits, group)
+    return var.replace(dataclasses.replace(q, activations=spec.activations))
   out = _map_vars(one, params)
   if target_shardings is not None:
     out = jax.device_put(out, target_shardings)
@@ -224,8 +293,9 @@ def main(argv):
       raise ValueError(f"{FLAGS.workdir} is quantized already ({config[CONFIG_KEY]}); quantize "
                        "its source")
     group = FLAGS.group_size if FLAGS.group_size is not None else (128 if FLAGS.bits == 4 else 0)
+    activations = FLAGS.activations or ("int8x2" if FLAGS.bits == 8 and not group else "float")
     spec = Spec.from_dict({"bits": FLAGS.bits, "group_size": group,
-                           "embeddings": FLAGS.embeddings})
+                           "embeddings": FLAGS.embeddings, "activations": activations})
     with workdirs.layout_scope(FLAGS.layout or config["layout"]) as (mesh, layout):
       params, _, step = workdir_lib.load_params(FLAGS.workdir, FLAGS.step)
       target = shardings(abstract(jax.eval_shape(lambda: params), spec), mesh, layout)
@@ -255,6 +325,10 @@ def run():
   flags.DEFINE_integer("group_size", None, "Entries per scale along the contracted axis; 0 = per "
                        "channel. Default 128 for --bits=4, 0 for --bits=8.")
   flags.DEFINE_bool("embeddings", False, "Also quantize the token embedding and unembedding.")
+  flags.DEFINE_enum("activations", None, list(ACTIVATIONS), "How layers multiply by int8 "
+                    "per-channel weights: float (dequantize), int8x2 (two int8 limbs: weight-only "
+                    "accuracy, integer kernels), int8 (w8a8). Default int8x2 for int8 per channel, "
+                    "else float. See spjax/compress/quantize.py.")
   flags.DEFINE_string("layout", None, "Layout to place the params under; default the run's.")
   flags.DEFINE_string("json", "", "Write the step, spec and byte counts to this JSON file.")
   flags.mark_flags_as_required(["workdir", "out", "bits"])

@@ -122,7 +122,7 @@ class Attention(nnx.Module):
 
   def _project(self, x, name, key):  # x [B, T, D] -> [B, T, N, Dh]
     dt = jnp.dtype(self.cfg.dtype)
-    y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dt))
+    y = product(x, getattr(self, name), dt, lambda x, w: jnp.einsum("btd,dhk->bthk", x, w))
     y = adapted(self, name, x, y, _fold(key, "qkv".index(name)))
     return y + getattr(self, name + "_bias")[...].astype(dt) if self.cfg.attn_bias else y
 
@@ -173,7 +173,8 @@ class Attention(nnx.Module):
   def _output(self, out, key):  # [B, T, H, Dh] -> [B, T, D]
     dt = jnp.dtype(self.cfg.dtype)
     out = constrain(out, ("batch", "length", "act_heads", "head_dim"))
-    y = adapted(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt)),
+    y = adapted(self, "o", out,
+                product(out, self.o, dt, lambda x, w: jnp.einsum("bthk,hkd->btd", x, w)),
                 _fold(key, 3))
     return y + self.o_bias[...].astype(dt) if self.cfg.attn_bias else y
 
@@ -197,7 +198,7 @@ class MLP(nnx.Module):
 
   def _dense(self, x, name, key):
     dt = jnp.dtype(self.cfg.dtype)
-    y = adapted(self, name, x, x @ getattr(self, name)[...].astype(dt),
+    y = adapted(self, name, x, product(x, getattr(self, name), dt, lambda x, w: x @ w),
                 _fold(key, ("gate", "up", "down").index(name)))
     return y + getattr(self, name + "_bias")[...].astype(dt) if self.cfg.mlp_bias else y
 
@@ -208,6 +209,15 @@ class MLP(nnx.Module):
       h = h * self._dense(x, "up", key)  # [B, T, F]
     h = constrain(h, ("batch", "length", "act_mlp"))
     return self._dense(h, "down", key)  # [B, T, D]
+
+
+def product(x, var, dtype, fn):
+  """fn(x, the weight in dtype): x times a layer's weight. A quantized weight (a value with a
+  `product` method, spjax.compress.quantize.QArray) computes it its own way, from its integers."""
+  value = var.get_raw_value() if isinstance(var, nnx.Variable) else var
+  if hasattr(value, "product"):
+    return value.product(x, fn, dtype)
+  return fn(x, var[...].astype(dtype))
 
 
 def _fold(key, i: int):

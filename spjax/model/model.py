@@ -21,7 +21,7 @@ from flax import nnx
 from spjax.model import attention as attention_lib
 from spjax.model import moe as moe_lib
 from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
-from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, neftune, param
+from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, neftune, param, product
 from spjax.parallel import pipeline
 from spjax.parallel.sharding import constrain
 
@@ -124,7 +124,11 @@ class Transformer(nnx.Module):
     return logits, KVCache(k, v, segments, cache.index + tokens.shape[1])
 
   def _logits(self, x, names):  # [..., D] -> [..., V] float32
-    return unembed(x, self.unembedding(), self.cfg.dtype, names)
+    if self.cfg.tie_embeddings:
+      return unembed(x, self.unembedding(), self.cfg.dtype, names)
+    # as unembed, through layers.product: a quantized table multiplies from its integers
+    y = product(x, self.unembed, self.cfg.dtype, lambda x, w: x @ w)
+    return constrain(y, names).astype(jnp.float32)
 
   def _run(self, tokens, positions, segment_ids, dropout_key, cached, neftune_alpha=0.0):
     """-> (final hidden states [B, T, D], with `cached` the per-layer caches (k, v) updated).
