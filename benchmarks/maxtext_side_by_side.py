@@ -13,7 +13,8 @@ Memory per chip is `memory_analysis()` with donated state counted once, for both
 Same model, batch and settings on both sides: Llama blocks (RMSNorm, RoPE, SwiGLU, GQA), vocab
 32000, seq 2048, fp32 params and Adam moments, bf16 compute, AdamW, FSDP over every chip,
 unrolled layers, splash attention. Remat "full" is full on both; "saved" is spjax's
-`save_dots_no_batch` against MaxText's `minimal` (each one's matmul-saving policy).
+`save_dots_no_batch` against MaxText's `minimal` (each one's matmul-saving policy); "projections"
+is spjax's `save_projections` against `minimal`, the same saved tensors on both sides.
 
 Setup (MaxText 0.2.5 wants Python 3.12; a virtualenv outside the repository, spjax installed
 into it without its own pins so that both share MaxText's jax and libtpu):
@@ -45,7 +46,10 @@ WORKLOADS = {
     "small": {"topology": "v5e:2x2", "maxtext_topology": "v5e-4", "batch": 2, "d_model": 512,
               "layers": 2, "heads": 4, "kv_heads": 4, "head_dim": 128, "mlp": 1024},
 }
-REMATS = {"full": ("full", "full"), "saved": ("save_dots_no_batch", "minimal")}  # spjax, MaxText
+# (spjax, MaxText): "saved" is each one's matmul-saving policy as issue 17 compares them;
+# "projections" is the same saved set on both sides (projections kept, attention recomputed).
+REMATS = {"full": ("full", "full"), "saved": ("save_dots_no_batch", "minimal"),
+          "projections": ("save_projections", "minimal")}
 VOCAB, SEQ = 32000, 2048
 # MaxText's train_compile appends this to LIBTPU_INIT_ARGS itself; set for both so the compiler
 # flags are the same (it only touches random-number ops, which neither step has without dropout).
