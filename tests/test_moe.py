@@ -238,9 +238,10 @@ def test_bad_moe_configs_fail_before_compiling(overrides, match):
     program.build(tiny_moe("fsdp_ep", **overrides))
 
 
-def test_hf_export_refuses_moe_models():
-  with pytest.raises(ValueError, match="mixture-of-experts"):
-    hf.config_to_hf(MOE)
+def test_hf_export_writes_mixtral_and_refuses_what_it_cannot_express():
+  assert hf.config_to_hf(MOE)["architectures"] == ["MixtralForCausalLM"]
+  with pytest.raises(ValueError, match="MixtralForCausalLM needs model.moe_every=1"):
+    hf.config_to_hf(dataclasses.replace(MOE, moe_every=2))
 
 
 def test_training_logs_the_moe_stats(tmp_path):
