@@ -266,6 +266,42 @@ def test_fsdp_ep_capacity_path_exchanges_tokens_by_all_to_all():
   assert hlo.collectives(text).count["all-to-all"] > 0
 
 
+@pytest.mark.parametrize("capacity_factor", [E / K, 0.0], ids=["capacity", "dropless"])
+def test_save_dots_no_batch_keeps_the_experts_projections(capacity_factor, capsys):
+  """The experts' gate and up outputs are named as a dense MLP's, so the policy keeps them (the
+  dropless ones from inside the per-shard shard_map too); gradients are those of no remat."""
+  def build(policy):
+    return program.build(tiny_moe("fsdp", seq_len=32, **{  # unrolled: residuals print their names
+        "model.capacity_factor": capacity_factor, "model.remat_policy": policy,
+        "model.scan_layers": False}))
+  prog = build("save_dots_no_batch")
+  batch = {k: jax.device_put(v, prog.batch_sharding) for k, v in
+           next(iter(pipeline.make_dataset(prog.config, "train", tokenizer.load(""),
+                                           batch_size=prog.global_batch))).items()}
+  def grads(prog):
+    with prog.activate():
+      params = prog.jit_init()()["params"]
+      loss = lambda p: step_lib.loss_sums(p, prog.graphdef, batch, None, 0.0)[0]
+      return jax.jit(prog._under_layout(jax.grad(loss)))(params), params, loss
+  saved, params, loss = grads(prog)
+  # fp32 rounding of each tensor's scale: recomputed products are fused differently
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max()),
+               saved, grads(build("none"))[0])
+  with prog.activate():
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(prog._under_layout(loss), params)
+  lines = capsys.readouterr().out.splitlines()
+  names = [line.split(" from ")[0].split()[-1] for line in lines if " named " in line]
+  layers, f = prog.model_cfg.num_layers, prog.model_cfg.mlp_dim
+  assert names.count("'proj/q'") == names.count("'proj/k'") == layers
+  if capacity_factor:
+    assert names.count("'proj/gate'") == names.count("'proj/up'") == layers
+  else:  # what shard_map's body keeps leaves it as outputs: gate and up of every assignment
+    assignments = prog.global_batch * 32 * K
+    kept = [line for line in lines if line.startswith(f"f32[{assignments},{f}] output of shard_map")]
+    assert len(kept) == 2 * layers
+
+
 def test_dropless_sorts_each_batch_shard_on_its_own_device():
   # Under fsdp over 8 devices each device runs the grouped matmuls on its own rows' n * k
   # assignments, not on the whole batch's N * k (what a global sort left to the partitioner did).

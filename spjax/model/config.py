@@ -24,17 +24,22 @@ _CP = jax.checkpoint_policies
 _KEEP_ATTENTION = _CP.save_only_these_names(attention_lib.RESIDUALS)
 
 
-def _dots_one_contraction_no_batch(prim, *_, **params) -> bool:
-  """dots_with_no_batch_dims_saveable without the dots contracting several dimensions: the
-  attention output projection ([B, T, H, Dh] x [H, Dh, D], over heads and head_dim). Its output,
-  a [B, T, D] per layer, is recomputed from the attention output the backward pass reads anyway
-  (one matmul, about 2% of the layer's FLOPs) instead of kept (1 GiB for the 1B at batch 8)."""
-  if prim is jax.lax.dot_general_p:
-    (lhs_contract, _), (lhs_batch, rhs_batch) = params["dimension_numbers"]
-    return not lhs_batch and not rhs_batch and len(lhs_contract) == 1
-  return False
+# The projections are named where they are computed (layers.adapted, moe, tune/lora): "proj/q"
+# for q's output, "proj/q_lora" for its adapter's rank-r input, and so on. The matmul-saving
+# policies choose by name, not by the shape of the dot: under the pipeline's stage vmap every
+# matmul gains a batch dimension, and a policy keeping the dots without batch dimensions kept none.
+# o's output is not among them: a [B, T, D] per layer, it is recomputed from the attention output
+# the backward pass reads anyway (one matmul, about 2% of the layer's FLOPs; 1 GiB for the 1B at
+# batch 8); nor is o's adapter input, contracting heads and head_dim as o does.
+SAVED_PROJECTIONS = ("q", "k", "v", "gate", "up", "down")
 
 
+def projection_name(kernel: str) -> str:
+  """The checkpoint name of a kernel's product: "proj/q"; "proj/q_lora" for q's adapter input."""
+  return "proj/" + kernel
+
+
+_PROJECTIONS = tuple(projection_name(k + lora) for k in SAVED_PROJECTIONS for lora in ("", "_lora"))
 _LOW_RANK = 128  # contractions shorter than this (one MXU pass) are not projections: see below
 
 
@@ -42,7 +47,8 @@ def _unless_low_rank(policy):
   """`policy`, but never an unbatched product contracting fewer than _LOW_RANK elements: a LoRA
   adapter's [B, T, r] x [r, *out] costs 2 r FLOPs per output, cheaper to redo from the saved
   [B, T, r] than to store; saved, it would double every adapted projection's stacked [B, T, out]
-  activations. (Batched products, attention's, are left to `policy`.)"""
+  activations. (Batched products, attention's, are left to `policy`; the named policies never
+  save that product: only the adapter's input, "proj/<kernel>_lora", is named.)"""
   def saveable(prim, *args, **params):
     if prim is jax.lax.dot_general_p:
       (contract, _), (batch, _) = params["dimension_numbers"]
@@ -58,13 +64,12 @@ REMAT_POLICIES = {
     # keep matmul outputs (with batch dims: attention scores too), recompute the rest
     "save_dots": _unless_low_rank(_CP.save_from_both_policies(_CP.checkpoint_dots,
                                                               _KEEP_ATTENTION)),
-    # keep the projections' outputs except the attention output projection's; recompute einsum
-    # attention from q, k and v, and the output projection from the attention output
-    "save_dots_no_batch": _unless_low_rank(_CP.save_from_both_policies(
-        _dots_one_contraction_no_batch, _KEEP_ATTENTION)),
+    # keep the projections' outputs but o's (_PROJECTIONS); recompute einsum attention from q, k
+    # and v, and the output projection from the attention output
+    "save_dots_no_batch": _CP.save_only_these_names(*_PROJECTIONS, attention_lib.RESIDUALS),
     # as save_dots_no_batch, but the fused attention's output is not kept either: its forward kernel
     # runs again in the backward pass (a [B, T, H, Dh] less per layer, for its FLOPs)
-    "save_projections": _unless_low_rank(_dots_one_contraction_no_batch),
+    "save_projections": _CP.save_only_these_names(*_PROJECTIONS),
 }
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),

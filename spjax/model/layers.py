@@ -15,7 +15,7 @@ from flax import nnx
 
 from spjax.model import attention as attention_lib
 from spjax.model import moe as moe_lib
-from spjax.model.config import ACTIVATIONS, ModelConfig
+from spjax.model.config import ACTIVATIONS, ModelConfig, projection_name
 from spjax.parallel.sharding import constrain
 
 # A layer's KV cache: keys [B, K, S, Dh] and values [B, K, Dh, S], the layouts XLA's attention
@@ -39,10 +39,14 @@ def adapted(module, name: str, x, y, key):
   """y = x through `module`'s kernel `name`, plus the output of the low-rank adapter that
   spjax/tune/lora.py attached as `<name>_lora`, if any; the model itself never creates adapters.
 
-  `key` (None in eval) seeds the adapter's input dropout.
+  y is named for the remat policies (config.projection_name); `key` (None in eval) seeds the
+  adapter's input dropout.
   """
+  y = jax.ad_checkpoint.checkpoint_name(y, projection_name(name))
   adapter = getattr(module, name + "_lora", None)
-  return y if adapter is None else y + adapter(x, key).astype(y.dtype)
+  if adapter is None:
+    return y
+  return y + adapter(x, key, projection_name(name + "_lora")).astype(y.dtype)
 
 
 def neftune(x, alpha: float, key):

@@ -36,7 +36,7 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec
 
-from spjax.model.config import ACTIVATIONS, ModelConfig
+from spjax.model.config import ACTIVATIONS, ModelConfig, projection_name
 
 STATS = ("lb_loss", "z_loss", "dropped_fraction")
 
@@ -105,13 +105,15 @@ class MoE(nnx.Module):
 
   def _experts_dense(self, h, spec):  # h [..., E, C, D] -> [..., E, C, D], one MLP per expert
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    def proj(name):
-      return jnp.einsum(f"{spec},edf->{spec[:-1]}f", h, getattr(self, name)[...].astype(dt))
+    def proj(name):  # named as the dense MLP's, for the remat policies
+      y = jnp.einsum(f"{spec},edf->{spec[:-1]}f", h, getattr(self, name)[...].astype(dt))
+      return jax.ad_checkpoint.checkpoint_name(y, projection_name(name))
     a = ACTIVATIONS[cfg.mlp_activation](proj("gate" if cfg.gated_mlp else "up"))
     if cfg.gated_mlp:
       a = a * proj("up")
     a = constrain_dispatched(a, "act_mlp")  # [B, E, C, F]
-    return jnp.einsum(f"{spec[:-1]}f,efd->{spec}", a, self.down[...].astype(dt))
+    y = jnp.einsum(f"{spec[:-1]}f,efd->{spec}", a, self.down[...].astype(dt))
+    return jax.ad_checkpoint.checkpoint_name(y, projection_name("down"))
 
   def __call__(self, x, segment_ids):
     """x [B, T, D], segment_ids [B, T] -> (y [B, T, D], {stat: float32 []})."""
@@ -168,11 +170,14 @@ def _dropless_local(cfg: ModelConfig, x, weights, experts, w):
   order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
   sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)  # [E]
   tokens = x.reshape(b * t, d)[order // k]  # [n*k, D], sorted by expert
-  proj = lambda h, kernel: jax.lax.ragged_dot(h, kernel, sizes)
-  a = ACTIVATIONS[cfg.mlp_activation](proj(tokens, w[0]))
+  names = ("gate", "up", "down") if cfg.gated_mlp else ("up", "down")  # w's kernels
+  def proj(h, i):  # named as the dense MLP's, for the remat policies
+    return jax.ad_checkpoint.checkpoint_name(jax.lax.ragged_dot(h, w[i], sizes),
+                                             projection_name(names[i]))
+  a = ACTIVATIONS[cfg.mlp_activation](proj(tokens, 0))
   if cfg.gated_mlp:
-    a = a * proj(tokens, w[1])  # [n*k, F]
-  out = proj(a, w[-1])  # [n*k, D], sorted
+    a = a * proj(tokens, 1)  # [n*k, F]
+  out = proj(a, -1)  # [n*k, D], sorted
   out = jnp.zeros_like(out).at[order].set(out).reshape(b, t, k, d)  # back to token order
   return jnp.einsum("btkd,btk->btd", out, weights.astype(x.dtype))
 

@@ -71,6 +71,9 @@ def activation_bytes(prog) -> dict:
   kv = cfg.num_kv_heads * cfg.head_dim // _shards(prog, "act_kv_heads")
   f = cfg.mlp_dim // _shards(prog, "act_mlp")
   v = cfg.vocab_size // _shards(prog, "act_vocab")
+  # An MoE layer's MLP runs once per assignment: k per token, times the capacity slack if any.
+  if cfg.num_experts:
+    f = int(f * cfg.experts_per_token * (cfg.capacity_factor or 1.0))
   matmul_outputs = tokens * (q + 2 * kv + d + 2 * f + d) * e  # q, k, v, out, gate, up, down
   projections = tokens * (q + 2 * kv + 2 * f) * e  # save_dots_no_batch keeps q, k, v, gate, up
   attention = tokens * q * e + tokens * q // cfg.head_dim * 4  # splash output and log-sum-exp

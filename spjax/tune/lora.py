@@ -55,9 +55,11 @@ class Adapter(nnx.Module):
                                 eager_sharding=False)
     self.inputs, self.scale, self.rate, self.stacked = inputs, alpha / rank, dropout, bool(lead)
 
-  def __call__(self, x, key):  # x [B, T, *in] -> [B, T, *out]; key None in eval
+  def __call__(self, x, key, name: str):  # x [B, T, *in] -> [B, T, *out]; key None in eval
+    """`name`: the checkpoint name of the [B, T, r] product, what remat policies may keep."""
     x = layers.dropout(x, self.rate, key)
     h = jnp.tensordot(x, self.lora_a[...].astype(x.dtype), axes=self.inputs)  # [B, T, r]
+    h = jax.ad_checkpoint.checkpoint_name(h, name)
     return jnp.tensordot(h * self.scale, self.lora_b[...].astype(x.dtype), axes=1)
 
 
