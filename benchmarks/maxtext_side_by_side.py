@@ -106,7 +106,7 @@ def estimate(executable, seconds: float, spjax_row: dict, w: dict) -> dict:
   text = executable.as_text()
   keep_hlo(text, "maxtext", w)
   summed = hlo.cycle_sum(text)
-  kernels = aot_tpu.kernel_seconds(spjax_row["prog"], hlo.kernel_calls(text),
+  kernels = aot_tpu.kernel_seconds(spjax_row["prog"], text,
                                    spjax_row["peak"] * _KERNEL_EFFICIENCY.value)
   coll = hlo.collectives(text)
   compute = sum(summed.cycles.values()) / clock + sum(kernels.values())

@@ -214,7 +214,7 @@ def test_context_parallel_kernels_are_charged_their_share_of_each_row():
   rows = cfg.per_device_batch_size * 8 // 4
   full_rows = attention.kernel_flops("splash_mha_fwd", rows, cfg.model.num_heads, 256,
                                      cfg.model.head_dim)
-  seconds = aot_tpu.kernel_seconds(prog, {"splash_mha_fwd": 3}, flops_per_second=1.0)
+  seconds = aot_tpu.splash_seconds(prog, {"splash_mha_fwd": 3}, flops_per_second=1.0)
   assert seconds["splash_mha_fwd"] == pytest.approx(3 * full_rows / 2)
 
 
@@ -249,3 +249,20 @@ def test_moe_flops_count_active_parameters(tmp_path):
   dense = default.get_config("tiny").model
   extra = 6 * m.num_layers * (mlp + m.d_model * 4)  # one more expert's MLP and the router
   assert r["model_flops_per_step"] == (metrics.flops_per_token(dense, cfg.seq_len) + extra) * tokens
+
+
+@needs_libtpu
+def test_dropless_grouped_matmuls_are_costed_from_their_shapes(tmp_path):
+  # jax.lax.ragged_dot becomes Mosaic kernels on TPU. Under fsdp over 4 chips each device sorts
+  # its own rows' assignments (n = rows * T * k) and runs, per layer, gate, up and down forward,
+  # again in full remat's recompute, and once more for their inputs' gradients: 9 grouped
+  # matmuls of 2 n D F FLOPs each (the weight gradients are ordinary XLA ops, costed by XLA).
+  proc, r = aot_tiny(tmp_path, "--config.layout=fsdp", "--config.model.num_experts=4",
+                     "--config.model.capacity_factor=0", "--config.model.remat_policy=full",
+                     "--kernel_efficiency=0.5")
+  m, cfg = default.get_config("tiny").model, default.get_config("tiny")
+  n = cfg.per_device_batch_size * cfg.seq_len * m.experts_per_token
+  rate = 0.5 * r["peak_tflops_per_chip"] * 1e12
+  flops = r["kernel_seconds"]["ragged-dot-none"] * rate
+  assert flops == pytest.approx(m.num_layers * 9 * 2 * n * m.d_model * m.mlp_dim)
+  assert "ragged-dot-metadata" not in r["kernel_seconds"] and r["estimated_step_seconds"] > 0

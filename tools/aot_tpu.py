@@ -114,9 +114,18 @@ def memory(c: Compiled) -> dict:
   return parts
 
 
-def kernel_seconds(prog, calls: dict, flops_per_second: float) -> dict:
-  """{kernel: seconds per step} for the Pallas kernels the step runs, which XLA's cost model leaves
-  at zero: their FLOPs (spjax.model.attention.kernel_flops) at an assumed rate."""
+def kernel_seconds(prog, hlo_text: str, flops_per_second: float) -> dict:
+  """{kernel: seconds per step} for the Pallas/Mosaic kernels the step runs, which XLA's cost model
+  leaves at zero: their FLOPs at an assumed rate. The splash kernels' FLOPs follow from the
+  program's shapes (splash_seconds); the grouped matmuls' (MoE dropless) from the HLO's."""
+  seconds = {name: flops / flops_per_second
+             for name, flops in hlo.grouped_matmul_flops(hlo_text).items()}
+  return seconds | splash_seconds(prog, hlo.kernel_calls(hlo_text), flops_per_second)
+
+
+def splash_seconds(prog, calls: dict, flops_per_second: float) -> dict:
+  """{kernel: seconds per step} of `calls` {splash kernel: executed count}: their FLOPs
+  (spjax.model.attention.kernel_flops) for this program's rows and heads per device."""
   cfg, mesh, layout = prog.model_cfg, prog.mesh, prog.layout
   shards = lambda logical: math.prod(mesh.shape[a] for a in layout.axes_for(logical))
   rows = prog.config.per_device_batch_size * mesh.size // shards("batch")
@@ -193,7 +202,7 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
   coll = hlo.collectives(text)
   summed = hlo.cycle_sum(text)
   cycles = dict(summed.cycles)
-  kernels = kernel_seconds(prog, hlo.kernel_calls(text), peak * kernel_efficiency)
+  kernels = kernel_seconds(prog, text, peak * kernel_efficiency)
   cycles.update({f"kernel: {k}": s * CHIPS[chip]["clock"] for k, s in kernels.items()})
   compute = sum(cycles.values()) / CHIPS[chip]["clock"]
   comm = sum(_WIRE[k] * b for k, b in coll.bytes.items()) / CHIPS[chip]["ici"]

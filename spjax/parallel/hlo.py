@@ -304,15 +304,53 @@ def _reachable(computations, entry) -> list:
 
 def kernel_calls(hlo_text: str) -> dict:
   """{kernel name: executed count} of the Pallas/Mosaic kernels (`tpu_custom_call`) in a TPU
-  program, e.g. {"splash_mha_fwd_segmented_residuals": 32}. The cost model gives these no cycles."""
+  program, e.g. {"splash_mha_fwd_segmented_residuals": 32}, but the grouped matmuls
+  (`grouped_matmul_flops` counts those from their shapes). The cost model gives these no cycles."""
   computations, entry = _parse(hlo_text)
   times = _multipliers(computations, entry)
   calls = collections.Counter()
   for comp, instrs in computations.items():
     for instr in instrs:
-      if instr.opcode == "custom-call" and '"tpu_custom_call"' in instr.attrs and times[comp]:
-        calls[re.sub(r"\.\d+$", "", instr.name)] += times[comp]
+      name = re.sub(r"\.\d+$", "", instr.name)
+      if (_is_target(instr, "tpu_custom_call") and times[comp]
+          and not name.startswith(_GROUPED_MATMUL)):
+        calls[name] += times[comp]
   return dict(calls)
+
+
+_GROUPED_MATMUL = "ragged-dot"  # the Mosaic kernels jax.lax.ragged_dot lowers to on TPU
+
+
+def _dims(type_: str) -> list:
+  """'bf16[512,128]{1,0:T(8,128)}' -> [512, 128]."""
+  m = re.search(r"\[([\d,]*)\]", type_)
+  return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def grouped_matmul_flops(hlo_text: str) -> dict:
+  """{kernel name: FLOPs per step} of the grouped matmuls that `jax.lax.ragged_dot` becomes on TPU,
+  which the cost model, as for every Mosaic kernel, gives no cycles. From the shapes: out [M, N] =
+  lhs [M, K] (rows sorted by group) against rhs [G, K, N] is 2 M K N however the rows split into
+  groups; "ragged-dot-metadata" (the group offsets) counts nothing. A variant of another shape
+  (the weight gradient, if it ever runs as a kernel) is refused, naming it, not guessed."""
+  computations, entry = _parse(hlo_text)
+  times = _multipliers(computations, entry)
+  flops = collections.Counter()
+  for comp, instrs in computations.items():
+    types = {i.name: i.type for i in instrs}
+    for instr in instrs:
+      name = re.sub(r"\.\d+$", "", instr.name)
+      if not (_is_target(instr, "tpu_custom_call") and name.startswith(_GROUPED_MATMUL)
+              and times[comp]) or name == _GROUPED_MATMUL + "-metadata":
+        continue
+      out, lhs, rhs = (_dims(t) for t in (instr.type, types.get(instr.operands[-2], ""),
+                                          types.get(instr.operands[-1], "")))
+      if not (len(out) == len(lhs) == 2 and len(rhs) == 3 and out[0] == lhs[0]
+              and rhs[1:] == [lhs[1], out[1]]):
+        raise ValueError(f"no FLOP count for grouped matmul kernel {instr.name!r}: output {out}, "
+                         f"operands {lhs} x {rhs} (known: [M, K] x [G, K, N] -> [M, N])")
+      flops[name] += times[comp] * 2 * out[0] * out[1] * lhs[1]
+  return dict(flops)
 
 
 def _category(instr: _Instr) -> str:
