@@ -18,7 +18,7 @@ N:M patterns ("2:4") keep the N largest of every M consecutive weights along a m
 (an input, i.e. contracted, axis of every spjax matrix), pruned once at `start_step`.
 
 t counts the updates this wrapper has applied: a step skipped for non-finite gradients (the outer
-`optax.apply_if_finite`) does not advance the schedule, just as it does not advance Adam's count.
+`optim.skip_if_not_finite`) does not advance the schedule, just as it does not advance Adam's count.
 """
 
 import dataclasses

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -57,15 +58,42 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, num_train_steps: int, pru
     tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
   pruning = prune.Schedule.from_config(prune_cfg) if prune_cfg is not None else None
   if pruning is not None and pruning.enabled:
-    tx = prune.masked(tx, pruning)  # inside apply_if_finite: a skipped step prunes nothing
+    tx = prune.masked(tx, pruning)  # inside skip_if_not_finite: a skipped step prunes nothing
   # A step whose gradients hold a NaN or Inf leaves params and moments untouched (and is counted in
   # `total_notfinite`); the train loop decides whether to carry on or stop (config.nan_policy).
-  tx = optax.apply_if_finite(tx, max_consecutive_errors=_NEVER_GIVE_UP)
-  return tx, schedule
+  return skip_if_not_finite(tx), schedule
 
 
-# apply_if_finite applies even a non-finite update after this many in a row; never let it.
-_NEVER_GIVE_UP = 2**31 - 1
+def skip_if_not_finite(inner) -> optax.GradientTransformationExtraArgs:
+  """optax.apply_if_finite (never giving up) without its `lax.cond`: the inner update always runs
+  and a non-finite step's updates (zeros) and state (the old one) are selected elementwise. Same
+  state, optax.ApplyIfFiniteState, so checkpoints and `total_notfinite` are unchanged.
+
+  Why not the cond: XLA:CPU runs a conditional's collectives (the global norm's all-reduce inside
+  the update) in a nested executor beside the step's other collectives, and 8 simulated devices on
+  2 cores deadlocked there, each device waiting at another rendezvous (fsdp_sp). On TPU the select
+  fuses into the update's elementwise pass, and XLA's cost analysis has no branches to take a max
+  over.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    return optax.ApplyIfFiniteState(
+        notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True, jnp.bool_),
+        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    pick = lambda new, old: jnp.where(finite, new, old)
+    bump = optax.safe_int32_increment
+    new_state = optax.ApplyIfFiniteState(
+        notfinite_count=pick(jnp.zeros([], jnp.int32), bump(state.notfinite_count)),
+        last_finite=finite, total_notfinite=pick(state.total_notfinite, bump(state.total_notfinite)),
+        inner_state=jax.tree.map(pick, new_inner, state.inner_state))
+    return jax.tree.map(lambda u: pick(u, jnp.zeros_like(u)), new_updates), new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def decay_mask(params, embeddings: bool = True):
