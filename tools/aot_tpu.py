@@ -25,7 +25,8 @@ compile time, the collectives of the compiled step, and ESTIMATES of step time a
 - Estimated MFU = model FLOPs / (step time x chips x the chip's peak bf16 FLOP/s); a mixture of
   experts counts the experts a token visits (active parameters), not all of them.
 - Ops whose `estimated_cycles` is a sentinel (INT64_MAX: "no estimate") are listed, not summed;
-  a conditional (optax.apply_if_finite's update) counts its costliest branch.
+  a conditional (optax.apply_if_finite's update, in MaxText's step and in spjax's before c718748)
+  counts its costliest branch.
 
 A second, labelled estimate is XLA's own `compiled.cost_analysis()["optimal_seconds"]`, the figure
 MaxText users quote, corrected by spjax.parallel.hlo.xla_estimate: +1 s for each custom call it sums
