@@ -304,7 +304,7 @@ def _reachable(computations, entry) -> list:
 
 def kernel_calls(hlo_text: str) -> dict:
   """{kernel name: executed count} of the Pallas/Mosaic kernels (`tpu_custom_call`) in a TPU
-  program, e.g. {"splash_mha_fwd_segmented_residuals": 32}, but the grouped matmuls
+  program, e.g. {"splash_mha_fwd_segmented_residuals": 32}, except the grouped matmuls
   (`grouped_matmul_flops` counts those from their shapes). The cost model gives these no cycles."""
   computations, entry = _parse(hlo_text)
   times = _multipliers(computations, entry)
