@@ -149,8 +149,7 @@ class MoE(nnx.Module):
 
   def _dropless(self, x, weights, experts):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    names = ("gate", "up", "down") if cfg.gated_mlp else ("up", "down")
-    w = tuple(getattr(self, n)[...].astype(dt) for n in names)  # [E, D, F] / [E, F, D]
+    w = tuple(getattr(self, n)[...].astype(dt) for n in _kernels(cfg))  # [E, D, F] / [E, F, D]
     local = lambda x, weights, experts, *w: _dropless_local(cfg, x, weights, experts, w)
     rules = flax_spmd.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
@@ -162,6 +161,11 @@ class MoE(nnx.Module):
                          out_specs=rows)(x, weights, experts, *w)
 
 
+def _kernels(cfg: ModelConfig) -> tuple:
+  """The experts' kernels in the order the dropless path passes them: (gate,) up, down."""
+  return ("gate", "up", "down") if cfg.gated_mlp else ("up", "down")
+
+
 def _dropless_local(cfg: ModelConfig, x, weights, experts, w):
   """x [b, T, D], weights/experts [b, T, k], w the experts' (gate,) up, down -> y [b, T, D]."""
   b, t, d = x.shape
@@ -170,10 +174,9 @@ def _dropless_local(cfg: ModelConfig, x, weights, experts, w):
   order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
   sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)  # [E]
   tokens = x.reshape(b * t, d)[order // k]  # [n*k, D], sorted by expert
-  names = ("gate", "up", "down") if cfg.gated_mlp else ("up", "down")  # w's kernels
-  def proj(h, i):  # named as the dense MLP's, for the remat policies
+  def proj(h, i):  # w[i], named as the dense MLP's kernel, for the remat policies
     return jax.ad_checkpoint.checkpoint_name(jax.lax.ragged_dot(h, w[i], sizes),
-                                             projection_name(names[i]))
+                                             projection_name(_kernels(cfg)[i]))
   a = ACTIVATIONS[cfg.mlp_activation](proj(tokens, 0))
   if cfg.gated_mlp:
     a = a * proj(tokens, 1)  # [n*k, F]

@@ -302,29 +302,38 @@ def _reachable(computations, entry) -> list:
   return order
 
 
-def kernel_calls(hlo_text: str) -> dict:
-  """{kernel name: executed count} of the Pallas/Mosaic kernels (`tpu_custom_call`) in a TPU
-  program, e.g. {"splash_mha_fwd_segmented_residuals": 32}, except the grouped matmuls
-  (`grouped_matmul_flops` counts those from their shapes). The cost model gives these no cycles."""
-  computations, entry = _parse(hlo_text)
-  times = _multipliers(computations, entry)
-  calls = collections.Counter()
-  for comp, instrs in computations.items():
-    for instr in instrs:
-      name = re.sub(r"\.\d+$", "", instr.name)
-      if (_is_target(instr, "tpu_custom_call") and times[comp]
-          and not name.startswith(_GROUPED_MATMUL)):
-        calls[name] += times[comp]
-  return dict(calls)
-
-
 _GROUPED_MATMUL = "ragged-dot"  # the Mosaic kernels jax.lax.ragged_dot lowers to on TPU
 
 
+def _executed_kernels(hlo_text: str):
+  """(name without its ".N" suffix, executions per step, instr, {name: type} of its computation)
+  for every Pallas/Mosaic kernel (`tpu_custom_call`) the program runs."""
+  computations, entry = _parse(hlo_text)
+  times = _multipliers(computations, entry)
+  for comp, instrs in computations.items():
+    if not times[comp]:
+      continue
+    types = {i.name: i.type for i in instrs}
+    for instr in instrs:
+      if _is_target(instr, "tpu_custom_call"):
+        yield re.sub(r"\.\d+$", "", instr.name), times[comp], instr, types
+
+
+def kernel_calls(hlo_text: str) -> dict:
+  """{kernel name: executed count} of the Pallas/Mosaic kernels in a TPU program, e.g.
+  {"splash_mha_fwd_segmented_residuals": 32}, except the grouped matmuls (`grouped_matmul_flops`
+  counts those from their shapes). The cost model gives these no cycles."""
+  calls = collections.Counter()
+  for name, n, _, _ in _executed_kernels(hlo_text):
+    if not name.startswith(_GROUPED_MATMUL):
+      calls[name] += n
+  return dict(calls)
+
+
 def _dims(type_: str) -> list:
-  """'bf16[512,128]{1,0:T(8,128)}' -> [512, 128]."""
-  m = re.search(r"\[([\d,]*)\]", type_)
-  return [int(d) for d in m.group(1).split(",") if d] if m else []
+  """'bf16[512,128]{1,0:T(8,128)}' -> [512, 128] (the first shape in the type)."""
+  m = _SHAPE.search(type_)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
 def grouped_matmul_flops(hlo_text: str) -> dict:
@@ -333,23 +342,17 @@ def grouped_matmul_flops(hlo_text: str) -> dict:
   lhs [M, K] (rows sorted by group) against rhs [G, K, N] is 2 M K N however the rows split into
   groups; "ragged-dot-metadata" (the group offsets) counts nothing. A variant of another shape
   (the weight gradient, if it ever runs as a kernel) is refused, naming it, not guessed."""
-  computations, entry = _parse(hlo_text)
-  times = _multipliers(computations, entry)
   flops = collections.Counter()
-  for comp, instrs in computations.items():
-    types = {i.name: i.type for i in instrs}
-    for instr in instrs:
-      name = re.sub(r"\.\d+$", "", instr.name)
-      if not (_is_target(instr, "tpu_custom_call") and name.startswith(_GROUPED_MATMUL)
-              and times[comp]) or name == _GROUPED_MATMUL + "-metadata":
-        continue
-      out, lhs, rhs = (_dims(t) for t in (instr.type, types.get(instr.operands[-2], ""),
-                                          types.get(instr.operands[-1], "")))
-      if not (len(out) == len(lhs) == 2 and len(rhs) == 3 and out[0] == lhs[0]
-              and rhs[1:] == [lhs[1], out[1]]):
-        raise ValueError(f"no FLOP count for grouped matmul kernel {instr.name!r}: output {out}, "
-                         f"operands {lhs} x {rhs} (known: [M, K] x [G, K, N] -> [M, N])")
-      flops[name] += times[comp] * 2 * out[0] * out[1] * lhs[1]
+  for name, n, instr, types in _executed_kernels(hlo_text):
+    if not name.startswith(_GROUPED_MATMUL) or name == _GROUPED_MATMUL + "-metadata":
+      continue
+    out, lhs, rhs = (_dims(t) for t in (instr.type, types.get(instr.operands[-2], ""),
+                                        types.get(instr.operands[-1], "")))
+    if not (len(out) == len(lhs) == 2 and len(rhs) == 3 and out[0] == lhs[0]
+            and rhs[1:] == [lhs[1], out[1]]):
+      raise ValueError(f"no FLOP count for grouped matmul kernel {instr.name!r}: output {out}, "
+                       f"operands {lhs} x {rhs} (known: [M, K] x [G, K, N] -> [M, N])")
+    flops[name] += n * 2 * out[0] * out[1] * lhs[1]
   return dict(flops)
 
 
