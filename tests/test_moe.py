@@ -258,12 +258,23 @@ def test_training_logs_the_moe_stats(tmp_path):
 
 
 def test_fsdp_ep_capacity_path_exchanges_tokens_by_all_to_all():
+  # The dispatched slots go to their experts' shard and back by the explicit all-to-alls of
+  # MoE._exchanged: two in the layer's forward, their two transposes in its backward, each moving
+  # one device's [b, E, C, D] slots (left to GSPMD, the partitioner gathered tokens instead).
+  import re
   from spjax.parallel import hlo
-  prog = program.build(tiny_moe("fsdp_ep", seq_len=32, **{"model.capacity_factor": 1.0}))
+  seq = 32
+  prog = program.build(tiny_moe("fsdp_ep", seq_len=seq, **{"model.capacity_factor": 1.0}))
   with prog.activate():
     text = prog.jit_train_step().lower(prog.abstract_state(),
                                        prog.abstract_batch()).compile().as_text()
-  assert hlo.collectives(text).count["all-to-all"] > 0
+  exchanges = [line for line in text.splitlines()
+               if " all-to-all(" in line and "shard_map/all_to_all" in line]
+  assert len(exchanges) == 4  # in the scanned layer's body: once per MoE layer
+  rows = prog.global_batch // prog.mesh.size
+  slots = rows * E * moe.capacity(prog.model_cfg, seq) * prog.model_cfg.d_model * 4  # bytes
+  for line in exchanges:
+    assert hlo.shape_bytes(re.match(r"\s*%\S+ = (.*?) all-to-all\(", line).group(1)) == slots
 
 
 @pytest.mark.parametrize("capacity_factor", [E / K, 0.0], ids=["capacity", "dropless"])

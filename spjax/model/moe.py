@@ -5,9 +5,12 @@ Two ways to run the experts, picked by `model.capacity_factor`:
 - capacity (> 0): each expert takes at most C = ceil(factor * T * k / E) tokens of each sequence,
   first choices before second choices, earlier positions first; the rest are dropped (their MLP
   output is zero, the residual carries them). Dispatch and combine are einsums over one-hot tensors
-  with static shapes, so plain GSPMD partitions them: the dispatched tokens [B, E, C, D] are pinned
-  with experts on the `expert` mesh axes and the batch on the remaining batch axes, which makes
-  the partitioner exchange tokens between expert shards (an all-to-all) around the expert matmuls.
+  with static shapes. Where the layout splits the experts over mesh axes that also split the batch
+  (fsdp_ep), each device dispatches its own rows and the slots travel to their experts' shard and
+  back by two explicit all-to-alls inside `shard_map` (`MoE._exchanged`); left to GSPMD, the
+  partitioner all-gathered the dispatched tokens instead. Any other layout (fsdp: the experts are
+  gathered like FSDP weights, every token's experts run where it is) is plain GSPMD, the
+  dispatched tokens [B, E, C, D] pinned to the layout.
 - dropless (0): the B * T * k assignments are sorted by expert and the experts run as grouped
   matmuls (`jax.lax.ragged_dot`); nothing is dropped. Under a layout the sort runs per batch shard
   (`shard_map` over the batch's mesh axes): each device sorts its own rows' assignments against
@@ -28,6 +31,7 @@ Shapes: B batch, T length, D d_model, F mlp_dim, E experts, k experts per token,
 N = B * T tokens.
 """
 
+import functools
 import math
 
 import jax
@@ -56,6 +60,24 @@ def _entry(axes):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def _table(rules) -> dict:  # logical axis -> tuple of mesh axes
+  return {k: () if v is None else (v,) if isinstance(v, str) else tuple(v) for k, v in rules}
+
+
+def _exchange_axes():
+  """(batch mesh axes, expert mesh axes) when the active layout splits the experts over axes that
+  also split the batch, so the capacity path can exchange tokens by all-to-all; else None."""
+  rules = flax_spmd.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return None
+  table = _table(rules)
+  experts, batch = table.get("expert", ()), table.get("batch", ())
+  if math.prod(mesh.shape[a] for a in experts) == 1 or not set(experts) <= set(batch):
+    return None
+  return batch, experts
+
+
 def constrain_dispatched(x, last: str):
   """Pins dispatched tokens [B, E, C, D | F] to the active layout: E where the experts' weights
   live, B over the batch's mesh axes minus those (inside the block `expert` stops splitting the
@@ -63,7 +85,7 @@ def constrain_dispatched(x, last: str):
   rules = flax_spmd.get_logical_axis_rules()
   if not rules or jax.sharding.get_abstract_mesh().empty:
     return x
-  table = {k: () if v is None else (v,) if isinstance(v, str) else tuple(v) for k, v in rules}
+  table = _table(rules)
   experts = table.get("expert", ())
   batch = tuple(a for a in table.get("batch", ()) if a not in experts)
   rest = tuple(a for a in table.get(last, ()) if a not in experts + batch)
@@ -103,18 +125,6 @@ class MoE(nnx.Module):
              "z_loss": jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * v) / n}
     return weights, experts, stats
 
-  def _experts_dense(self, h, spec):  # h [..., E, C, D] -> [..., E, C, D], one MLP per expert
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    def proj(name):  # named as the dense MLP's, for the remat policies
-      y = jnp.einsum(f"{spec},edf->{spec[:-1]}f", h, getattr(self, name)[...].astype(dt))
-      return jax.ad_checkpoint.checkpoint_name(y, projection_name(name))
-    a = ACTIVATIONS[cfg.mlp_activation](proj("gate" if cfg.gated_mlp else "up"))
-    if cfg.gated_mlp:
-      a = a * proj("up")
-    a = constrain_dispatched(a, "act_mlp")  # [B, E, C, F]
-    y = jnp.einsum(f"{spec[:-1]}f,efd->{spec}", a, self.down[...].astype(dt))
-    return jax.ad_checkpoint.checkpoint_name(y, projection_name("down"))
-
   def __call__(self, x, segment_ids):
     """x [B, T, D], segment_ids [B, T] -> (y [B, T, D], {stat: float32 []})."""
     valid = segment_ids > 0
@@ -139,17 +149,47 @@ class MoE(nnx.Module):
     in_slot = jax.nn.one_hot(jnp.where(kept, slot, c), c, dtype=jnp.float32)  # [B, T, k, C]
     dispatch = jnp.einsum("btke,btkc->btec", onehot.astype(jnp.float32), in_slot)  # [B, T, E, C]
     combine = jnp.einsum("btke,btkc,btk->btec", onehot.astype(jnp.float32), in_slot, weights)
-    routed = jnp.einsum("btec,btd->becd", dispatch.astype(dt), x)  # [B, E, C, D]
-    out = self._experts_dense(constrain_dispatched(routed, "act_embed"), "becd")
-    out = constrain_dispatched(out, "act_embed")
-    y = jnp.einsum("becd,btec->btd", out, combine.astype(dt))  # [B, T, D]
+    dispatch, combine = dispatch.astype(dt), combine.astype(dt)
+    axes = _exchange_axes()
+    if axes:
+      y = self._exchanged(x, dispatch, combine, *axes)
+    else:
+      routed = jnp.einsum("btec,btd->becd", dispatch, x)  # [B, E, C, D]
+      out = _expert_mlps(cfg, constrain_dispatched(routed, "act_embed"), self._weights(),
+                         constrain_dispatched)
+      y = jnp.einsum("becd,btec->btd", constrain_dispatched(out, "act_embed"), combine)  # [B, T, D]
     n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32) * k
     dropped = 1.0 - jnp.sum(kept.astype(jnp.float32)) / n
     return y, dropped
 
+  def _weights(self) -> dict:  # {kernel name: [E, D, F] / [E, F, D] in the compute dtype}
+    return {n: getattr(self, n)[...].astype(self.cfg.dtype) for n in _kernels(self.cfg)}
+
+  def _exchanged(self, x, dispatch, combine, batch, experts):
+    """The capacity path's experts with the tokens exchanged by explicit all-to-alls (GShard).
+
+    Each device dispatches its own rows into [b, E, C, D] slots, sends expert shard j the slots of
+    the experts j holds and receives its peers' slots for its own (an all-to-all over the expert
+    axes: [ep * b, E / ep, C, D]), runs its experts, and sends the outputs back the same way. The
+    experts' weights enter whole but for the expert split (gathered like FSDP weights); the
+    partitioner, left to itself, all-gathered the dispatched tokens instead (BENCHMARKS.md).
+    """
+    cfg, w = self.cfg, self._weights()
+    def local(x, dispatch, combine, *kernels):  # x [b, T, D]; dispatch, combine [b, T, E, C]
+      exchange = functools.partial(jax.lax.all_to_all, axis_name=experts, tiled=True)
+      routed = jnp.einsum("btec,btd->becd", dispatch, x)  # [b, E, C, D]
+      routed = exchange(routed, split_axis=1, concat_axis=0)  # [ep * b, E / ep, C, D]
+      out = _expert_mlps(cfg, routed, dict(zip(w, kernels)), lambda a, _: a)
+      out = exchange(out, split_axis=0, concat_axis=1)  # [b, E, C, D]
+      return jnp.einsum("becd,btec->btd", out, combine)  # [b, T, D]
+    rows, split = PartitionSpec(_entry(batch)), PartitionSpec(_entry(experts))
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(rows,) * 3 + (split,) * len(w), out_specs=rows)(
+                             x, dispatch, combine, *w.values())
+
   def _dropless(self, x, weights, experts):
-    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    w = tuple(getattr(self, n)[...].astype(dt) for n in _kernels(cfg))  # [E, D, F] / [E, F, D]
+    cfg = self.cfg
+    w = tuple(self._weights().values())  # [E, D, F] / [E, F, D]
     local = lambda x, weights, experts, *w: _dropless_local(cfg, x, weights, experts, w)
     rules = flax_spmd.get_logical_axis_rules()
     mesh = jax.sharding.get_abstract_mesh()
@@ -159,6 +199,19 @@ class MoE(nnx.Module):
     rows = PartitionSpec(_entry(batch))  # [B, ...] over the batch axes; weights whole inside
     return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 3 + (PartitionSpec(),) * len(w),
                          out_specs=rows)(x, weights, experts, *w)
+
+
+def _expert_mlps(cfg: ModelConfig, h, w: dict, pin):
+  """h [b, E, C, D] -> [b, E, C, D]: expert e's MLP (kernels w[name] [E, ...]) on h[:, e]; `pin`
+  constrains the hidden [b, E, C, F] (identity inside shard_map)."""
+  def proj(name):  # named as the dense MLP's, for the remat policies
+    y = jnp.einsum("becd,edf->becf", h, w[name])
+    return jax.ad_checkpoint.checkpoint_name(y, projection_name(name))
+  a = ACTIVATIONS[cfg.mlp_activation](proj("gate" if cfg.gated_mlp else "up"))
+  if cfg.gated_mlp:
+    a = a * proj("up")
+  y = jnp.einsum("becf,efd->becd", pin(a, "act_mlp"), w["down"])
+  return jax.ad_checkpoint.checkpoint_name(y, projection_name("down"))
 
 
 def _kernels(cfg: ModelConfig) -> tuple:
