@@ -1,16 +1,18 @@
 """What pruning costs in quality: eval loss of pruned vs dense training, same model, data and steps.
 
   python benchmarks/prune_quality.py [--steps 300] [--batch 16] [--settings dense,50%,...] \
-      [--json OUT]
+      [--set model.d_model=256 --set ...] [--json OUT]
 
 Trains the `tiny` model on the embedded corpus (one CPU device, batch 16 x 128 by default, fp32)
 once dense and once per pruning setting: 50%, 75% and 90% unstructured magnitude pruning on the
 cubic schedule (from 20% to 60% of the steps, masks every 10 steps) and 2:4 (pruned once at 20%). The remaining
 steps train the sparse model. Same seed, data order and steps for all; prints the final eval loss
 (16 held-out batches), its ratio to dense, and the sparsity measured on the saved matrices.
+`--set KEY=VALUE` overrides any config key in every run (a larger model, the learning rate).
 """
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -31,9 +33,20 @@ SETTINGS = {"dense": {}, "50%": {"prune.sparsity": 0.5}, "75%": {"prune.sparsity
             "90%": {"prune.sparsity": 0.9}, "2:4": {"prune.pattern": "2:4"}}
 
 
-def run(name: str, steps: int, batch: int, workdir: str) -> dict:
+def override(text: str) -> tuple:
+  """"KEY=VALUE" -> (KEY, VALUE as a Python literal, else the string)."""
+  key, sep, value = text.partition("=")
+  if not sep:
+    raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
+  try:
+    return key, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return key, value
+
+
+def run(name: str, steps: int, batch: int, workdir: str, overrides: dict) -> dict:
   cfg = default.get_config("tiny")
-  cfg.update_from_flattened_dict({
+  cfg.update_from_flattened_dict({**overrides,
       "num_train_steps": steps, "eval_every_steps": steps, "eval_batches": 16,
       "checkpoint_every_steps": steps, "log_every_steps": 50, "layout": "dp",
       "per_device_batch_size": batch, "model.dtype": "float32",
@@ -54,8 +67,11 @@ def main():
   parser.add_argument("--settings", default=",".join(SETTINGS),
                       help=f"comma-separated subset of {', '.join(SETTINGS)} (runs are "
                       "deterministic, so subsets run apart give the same numbers)")
+  parser.add_argument("--set", type=override, action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override for every run, e.g. model.d_model=256")
   parser.add_argument("--json", default="")
   args = parser.parse_args()
+  overrides = dict(args.set)
   logging.set_verbosity(logging.WARNING)
   unknown = set(args.settings.split(",")) - set(SETTINGS)
   if unknown:
@@ -63,9 +79,10 @@ def main():
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.settings.split(","):
-      results[name] = run(name, args.steps, args.batch, os.path.join(tmp, name.replace(":", "_")))
+      results[name] = run(name, args.steps, args.batch, os.path.join(tmp, name.replace(":", "_")),
+                          overrides)
   dense = results["dense"]["eval_loss"] if "dense" in results else float("nan")
-  print(f"\ntiny model, {args.steps} steps, batch {args.batch} x 128, embedded corpus")
+  print(f"\ntiny model {overrides or ''}, {args.steps} steps, batch {args.batch} x 128, embedded corpus")
   print(f"{'setting':<8} {'sparsity':>9} {'eval loss':>10} {'perplexity':>11} {'loss / dense':>13}")
   for name, r in results.items():
     r["loss_ratio"] = r["eval_loss"] / dense
@@ -73,7 +90,7 @@ def main():
           f"{r['loss_ratio']:>13.4f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"steps": args.steps, "results": results}, f, indent=2)
+      json.dump({"steps": args.steps, "overrides": overrides, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":
