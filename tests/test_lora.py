@@ -1,9 +1,7 @@
 """LoRA adapters and NEFTune: layouts agree, only adapters train, checkpoints, merge and export."""
 
 import json
-import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from spjax.train import program
 from spjax.train import step as step_lib
 from spjax.tune import lora
 
+import residuals
 import test_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,28 +153,21 @@ def test_adapter_only_checkpoint_is_small_resumes_and_exports_merged(tmp_path):
                merged_before)
 
 
-def saved_bytes(rank, capsys):
+def saved_bytes(rank):
   """Bytes of the activations the backward reads (not the arguments), as jax prints them."""
   prog = program.build(tiny(**{"lora.rank": rank, "model.remat_policy": "save_dots_no_batch"}),
                        jax.devices()[:1])
   with prog.activate():
     params, base = nnx.split_state(prog.abstract_state()["params"], prog.trainable, ...)
     loss = lambda p, b, batch: step_lib.loss_sums(p, prog.graphdef, batch, None, 0.0, base=b)[0]
-    capsys.readouterr()
-    jax.ad_checkpoint.print_saved_residuals(loss, params, base, prog.abstract_batch())
-  total = 0
-  for line in capsys.readouterr().out.splitlines():
-    dtype, shape = re.match(r"(\w+)\[([\d,]*)\]", line).groups()
-    if "from the argument" not in line:
-      bits = int(re.sub(r"\D", "", dtype) or 8)  # f32, bf16, i32; bool is a byte
-      total += math.prod(int(d) for d in shape.split(",") if d) * bits // 8
-  return prog, total
+    kept = residuals.saved(loss, params, base, prog.abstract_batch())
+  return prog, sum(r.nbytes for r in kept if not r.is_argument)
 
 
-def test_save_dots_no_batch_keeps_only_the_adapters_rank_wide_inputs(capsys):
+def test_save_dots_no_batch_keeps_only_the_adapters_rank_wide_inputs():
   """An adapter's [B, T, r] x [r, out] is recomputed, not a second saved [B, T, out] per kernel."""
-  full, full_bytes = saved_bytes(0, capsys)
-  lora_prog, lora_bytes = saved_bytes(8, capsys)
+  full, full_bytes = saved_bytes(0)
+  lora_prog, lora_bytes = saved_bytes(8)
   m, c = full.model_cfg, full.config
   # 6 adapted kernels per layer keep their f32 [B, T, r] (q, k, v, gate, up, down); o's adapter,
   # contracting heads and head_dim as o does, is recomputed with o's own product.

@@ -16,6 +16,7 @@ from spjax.parallel import pipeline
 from spjax.train import loop as train
 from spjax.train import program
 from spjax.train import step as step_lib
+import residuals
 from test_train import read_metrics, run_layout
 
 
@@ -69,7 +70,7 @@ def test_pipelined_stack_equals_the_sequential_stack(repeats, microbatches, rema
   assert "collective-permute" in text  # the shift between stages
 
 
-def test_save_dots_no_batch_keeps_the_projections_inside_the_pipeline(capsys):
+def test_save_dots_no_batch_keeps_the_projections_inside_the_pipeline():
   """The stage vmap gives every matmul a batch dimension; the policy picks the projections by
   name, so each iteration still keeps q, k, v, gate and up of every layer of every stage."""
   cfg = tiny(layout="pp", **{"model.num_layers": 8, "model.dtype": "float32", "mesh.ici.stage": 4,
@@ -78,17 +79,16 @@ def test_save_dots_no_batch_keeps_the_projections_inside_the_pipeline(capsys):
   m, sched = prog.model_cfg, prog.pipeline
   with prog.activate():
     loss = lambda p, batch: step_lib.loss_sums(p, prog.graphdef, batch, None, 0.0)[0]
-    capsys.readouterr()
-    jax.ad_checkpoint.print_saved_residuals(prog._under_layout(loss),
-                                            prog.abstract_state()["params"], prog.abstract_batch())
-  # per iteration, layer of the stage, stage, microbatch row and position: "f32[11,2,4,2,128,...]"
-  lead = (f"f32[{sched.iterations},{sched.layers_per_stage},{sched.stages},"
-          f"{prog.global_batch // sched.microbatches},{cfg.seq_len},")
-  kept = sorted(line.split()[0][len(lead):-1] for line in capsys.readouterr().out.splitlines()
-                if line.startswith(lead))
-  heads, kv = f"{m.num_heads},{m.head_dim}", f"{m.num_kv_heads},{m.head_dim}"
+    kept = residuals.saved(prog._under_layout(loss), prog.abstract_state()["params"],
+                           prog.abstract_batch())
+  # per iteration, layer of the stage, stage, microbatch row and position: f32[11,2,4,2,128,...]
+  lead = (sched.iterations, sched.layers_per_stage, sched.stages,
+          prog.global_batch // sched.microbatches, cfg.seq_len)
+  kept = sorted(r.shape[len(lead):] for r in kept
+                if r.dtype == "f32" and r.shape[:len(lead)] == lead)
+  heads, kv = (m.num_heads, m.head_dim), (m.num_kv_heads, m.head_dim)
   # besides each layer's input (d_model wide): q, k, v and the MLP's gate and up
-  assert kept == sorted([heads, kv, kv, str(m.mlp_dim), str(m.mlp_dim), str(m.d_model)])
+  assert kept == sorted([heads, kv, kv, (m.mlp_dim,), (m.mlp_dim,), (m.d_model,)])
 
 
 def test_pipeline_without_a_mesh_and_its_dropout():
