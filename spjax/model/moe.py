@@ -60,19 +60,23 @@ def _entry(axes):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _table(rules) -> dict:  # logical axis -> tuple of mesh axes
+def _active_table() -> dict | None:
+  """The active layout as {logical axis: tuple of mesh axes}; None without rules and mesh (a
+  model called outside spjax.parallel.sharding's context), where everything here is local."""
+  rules = flax_spmd.get_logical_axis_rules()
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return None
   return {k: () if v is None else (v,) if isinstance(v, str) else tuple(v) for k, v in rules}
 
 
 def _exchange_axes():
   """(batch mesh axes, expert mesh axes) when the active layout splits the experts over axes that
   also split the batch, so the capacity path can exchange tokens by all-to-all; else None."""
-  rules = flax_spmd.get_logical_axis_rules()
-  mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty:
+  table = _active_table()
+  if table is None:
     return None
-  table = _table(rules)
   experts, batch = table.get("expert", ()), table.get("batch", ())
+  mesh = jax.sharding.get_abstract_mesh()
   if math.prod(mesh.shape[a] for a in experts) == 1 or not set(experts) <= set(batch):
     return None
   return batch, experts
@@ -82,10 +86,9 @@ def constrain_dispatched(x, last: str):
   """Pins dispatched tokens [B, E, C, D | F] to the active layout: E where the experts' weights
   live, B over the batch's mesh axes minus those (inside the block `expert` stops splitting the
   batch), the last dim as logical axis `last`. A no-op without rules and mesh, like `constrain`."""
-  rules = flax_spmd.get_logical_axis_rules()
-  if not rules or jax.sharding.get_abstract_mesh().empty:
+  table = _active_table()
+  if table is None:
     return x
-  table = _table(rules)
   experts = table.get("expert", ())
   batch = tuple(a for a in table.get("batch", ()) if a not in experts)
   rest = tuple(a for a in table.get(last, ()) if a not in experts + batch)
@@ -191,13 +194,11 @@ class MoE(nnx.Module):
     cfg = self.cfg
     w = tuple(self._weights().values())  # [E, D, F] / [E, F, D]
     local = lambda x, weights, experts, *w: _dropless_local(cfg, x, weights, experts, w)
-    rules = flax_spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
+    table = _active_table()
+    if table is None:
       return local(x, weights, experts, *w)
-    batch = dict((k, v) for k, v in rules).get("batch")
-    rows = PartitionSpec(_entry(batch))  # [B, ...] over the batch axes; weights whole inside
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * 3 + (PartitionSpec(),) * len(w),
+    rows = PartitionSpec(_entry(table.get("batch")))  # [B, ...] over the batch axes; weights whole
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=(rows,) * 3 + (PartitionSpec(),) * len(w),
                          out_specs=rows)(x, weights, experts, *w)
 
 
