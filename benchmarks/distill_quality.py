@@ -1,7 +1,8 @@
 """What distillation buys: a student a quarter of the teacher's size, distilled vs trained on CE alone.
 
   python benchmarks/distill_quality.py [--teacher_steps 1200] [--steps 400] [--batch 16] \
-      [--kd 0.5:1.0,0.5:2.0,0.9:1.0] [--skip_ce] [--dir DIR] [--teacher WORKDIR] [--json OUT]
+      [--kd 0.5:1.0,0.5:2.0,0.9:1.0] [--skip_ce] [--dir DIR] [--teacher WORKDIR] [--json OUT] \
+      [--student_set model.d_model=128 --student_set ...]
 
 Trains a teacher (the `tiny` shape with 3 layers: d_model 128, mlp 512, 1.00M params) on the
 embedded corpus, evaluated 5 times on the way (how near its plateau it is), then students a quarter
@@ -15,7 +16,8 @@ the CE-only one.
 Runs live in DIR/<name> with --dir (teacher, ce_<steps>, kd_<steps>_a<alpha>_T<T>), and one already
 finished there is read back rather than trained again, so a teacher is trained once
 (`--skip_ce --kd ''` trains only it) and each student can be its own invocation. --teacher
-distills from any existing spjax workdir instead of training one.
+distills from any existing spjax workdir instead of training one, and `--student_set KEY=VALUE`
+overrides the students' config (its shape, learning rate) for a larger teacher.
 """
 
 import argparse
@@ -35,6 +37,7 @@ from absl import logging  # noqa: E402
 from configs import default  # noqa: E402
 from spjax.model import model as model_lib  # noqa: E402
 from spjax.train import loop  # noqa: E402
+from config_overrides import override  # noqa: E402
 
 TEACHER = {"model.num_layers": 3}
 STUDENT = {"model.d_model": 64, "model.num_heads": 4, "model.num_kv_heads": 4,
@@ -82,8 +85,11 @@ def main():
                            "already finished there is read back, not trained again")
   parser.add_argument("--teacher", default="",
                       help="an existing teacher workdir to distill from (not trained here)")
+  parser.add_argument("--student_set", type=override, action="append", default=[],
+                      metavar="KEY=VALUE", help="a config override of every student")
   parser.add_argument("--json", default="")
   args = parser.parse_args()
+  student = STUDENT | dict(args.student_set)
   logging.set_verbosity(logging.WARNING)
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -93,14 +99,14 @@ def main():
     if not args.teacher:  # 5 evaluations on the way: how close to its plateau the teacher is
       runs["teacher"] = (config(args.teacher_steps, args.batch, evals=5, **TEACHER), teacher_dir)
     if not args.skip_ce:
-      runs["student, CE only"] = (config(args.steps, args.batch, **STUDENT),
+      runs["student, CE only"] = (config(args.steps, args.batch, **student),
                                   os.path.join(root, f"ce_{args.steps}"))
     for pair in filter(None, args.kd.split(",")):
       alpha, temperature = map(float, pair.split(":"))
       kd = {"distill.teacher": teacher_dir, "distill.alpha": alpha,
             "distill.temperature": temperature, **CHUNK}
       runs[f"distilled a={alpha:g} T={temperature:g}"] = (
-          config(args.steps, args.batch, **STUDENT, **kd),
+          config(args.steps, args.batch, **student, **kd),
           os.path.join(root, f"kd_{args.steps}_a{alpha:g}_T{temperature:g}"))
     results = {}
     for name, (cfg, workdir) in runs.items():
@@ -137,7 +143,8 @@ def main():
     print(f"student / teacher params: {r['params'] / results['teacher']['params']:.2f}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"results": results, "steps": args.steps, "batch": args.batch}, f, indent=2)
+      json.dump({"results": results, "steps": args.steps, "batch": args.batch,
+                 "student_set": dict(args.student_set)}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ steps train the sparse model. Same seed, data order and steps for all; prints th
 """
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -28,20 +27,10 @@ from configs import default  # noqa: E402
 from spjax.compress import prune  # noqa: E402
 from spjax.convert import workdir as workdir_lib  # noqa: E402
 from spjax.train import loop  # noqa: E402
+from config_overrides import override  # noqa: E402
 
 SETTINGS = {"dense": {}, "50%": {"prune.sparsity": 0.5}, "75%": {"prune.sparsity": 0.75},
             "90%": {"prune.sparsity": 0.9}, "2:4": {"prune.pattern": "2:4"}}
-
-
-def override(text: str) -> tuple:
-  """"KEY=VALUE" -> (KEY, VALUE as a Python literal, else the string)."""
-  key, sep, value = text.partition("=")
-  if not sep:
-    raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {text!r}")
-  try:
-    return key, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key, value
 
 
 def run(name: str, steps: int, batch: int, workdir: str, overrides: dict) -> dict:
