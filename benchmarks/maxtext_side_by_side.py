@@ -61,6 +61,8 @@ _SYSTEMS = flags.DEFINE_list("systems", ["maxtext", "spjax"], "Which sides to co
 _KERNEL_EFFICIENCY = flags.DEFINE_float("kernel_efficiency", 0.5, "Assumed kernel rate / peak.")
 _JSON = flags.DEFINE_string("json", None, "Write every row here.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Keep each row's compiled HLO here.")
+_LAYERS = flags.DEFINE_integer("layers", 0, "Override the workloads' layer count (0: theirs); a "
+                               "2-layer 1b compiles in minutes, to read where two steps differ.")
 _ROW = flags.DEFINE_string("row", None, "Internal: compile one row (SYSTEM:WORKLOAD:REMAT) and "
                                         "print its JSON.")
 
@@ -144,10 +146,13 @@ def compile_row(system: str, workload: str, remat: str) -> dict:
   aot_tpu.compile_only_environment()
   from spjax.train import metrics
   w = {**WORKLOADS[workload], "name": f"{workload}_{remat}"}
+  if _LAYERS.value:
+    w.update(layers=_LAYERS.value, name=f"{workload}_{_LAYERS.value}layers_{remat}")
   config, prog, peak = spjax_program(w, remat)
   tokens = prog.global_batch * SEQ
   flops = metrics.flops_per_token(config.model, SEQ) * tokens
-  row = {"system": system, "workload": workload, "remat": REMATS[remat][system == "maxtext"],
+  row = {"system": system, "workload": workload, "layers": w["layers"],
+         "remat": REMATS[remat][system == "maxtext"],
          "topology": w["topology"], "chips": prog.mesh.size, "tokens_per_step": tokens,
          "model_flops_per_step": flops}
   if system == "spjax":
@@ -216,7 +221,8 @@ def main(argv):
       for system in _SYSTEMS.value:
         print(f"compiling {system} {workload} remat={remat} ...", file=sys.stderr, flush=True)
         out = subprocess.run([sys.executable, __file__, f"--row={system}:{workload}:{remat}",
-                              f"--kernel_efficiency={_KERNEL_EFFICIENCY.value}"] +
+                              f"--kernel_efficiency={_KERNEL_EFFICIENCY.value}",
+                              f"--layers={_LAYERS.value}"] +
                              ([f"--hlo_dir={_HLO_DIR.value}"] if _HLO_DIR.value else []),
                              cwd=REPO, capture_output=True, text=True)
         found = [line[4:] for line in out.stdout.splitlines() if line.startswith("ROW ")]
