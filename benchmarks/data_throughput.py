@@ -23,17 +23,20 @@ import cProfile
 import glob
 import os
 import pstats
+import sys
 import tempfile
 import time
 
-import grain
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import default
-from spjax.data import files
-from spjax.data import pipeline
-from spjax.data import synthetic
-from spjax.data import tokenizer as tokenizer_lib
+import grain  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from spjax.data import files  # noqa: E402
+from spjax.data import pipeline  # noqa: E402
+from spjax.data import synthetic  # noqa: E402
+from spjax.data import tokenizer as tokenizer_lib  # noqa: E402
 
 
 class Clock:
