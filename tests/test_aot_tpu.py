@@ -149,6 +149,44 @@ def test_xla_estimate_restores_the_branch_its_max_dropped():
   assert x.seconds is None and "conditional r" in x.refusal
 
 
+# Two steps that differ in one matmul: B's backward matmul, fused with a side output, costs more.
+def _step(backward_cycles: int) -> str:
+  return f"""HloModule toy, is_scheduled=true
+
+%side (p: bf16[4,8]) -> (bf16[4,8], f32[8]) {{
+  %p = bf16[4,8]{{1,0}} parameter(0)
+  %r = f32[8]{{0}} constant(0)
+  ROOT %t = (bf16[4,8]{{1,0}}, f32[8]{{0}}) tuple(%p, %r)
+}}
+
+ENTRY %main (x: bf16[4,8]) -> (bf16[4,8], f32[8]) {{
+  %x = bf16[4,8]{{1,0}} parameter(0)
+  %f1 = bf16[4,8]{{1,0:T(8,128)}} multiply(%x, %x), metadata={{op_name="jit(f)/jvp(ab,bc->ac)/dot_general"}}, backend_config={{"estimated_cycles":"100"}}
+  %f2 = bf16[2,8]{{1,0}} slice(%f1), slice={{[0:2], [0:8]}}, metadata={{op_name="jit(f)/jvp(ab,bc->ac)/dot_general"}}, backend_config={{"estimated_cycles":"7"}}
+  ROOT %b = (bf16[4,8]{{1,0}}, f32[8]{{0}}) fusion(%f1), kind=kOutput, calls=%side, metadata={{op_name="jit(f)/transpose(jvp(ab,bc->ac))/dot_general"}}, backend_config={{"estimated_cycles":"{backward_cycles}"}}
+}}
+"""
+
+
+def test_cycle_sum_buckets_by_op_and_output_shape_and_counts_executions():
+  by_shape = hlo.cycle_sum(_step(40), key=hlo.op_and_shape).cycles
+  assert by_shape == {"forward: dot_general ab,bc->ac bf16[4,8]": 100,
+                      "forward: dot_general ab,bc->ac bf16[2,8]": 7,
+                      "backward: dot_general ab,bc->ac bf16[4,8]": 40}  # a fusion's first output
+  assert hlo.cycle_sum(_step(40)).cycles == {"forward: dot_general ab,bc->ac": 107,
+                                              "backward: dot_general ab,bc->ac": 40}
+  assert hlo.cycle_sum(_step(40), count=True).cycles == {"forward: dot_general ab,bc->ac": 2,
+                                                         "backward: dot_general ab,bc->ac": 1}
+
+
+def test_hlo_diff_puts_the_op_that_differs_first():
+  import hlo_diff
+  rows = hlo_diff.diff(_step(40), _step(70), "shape", clock=1e3)  # 1 kHz: a cycle is 1 ms
+  assert rows[0] == ("backward: dot_general ab,bc->ac bf16[4,8]", 40.0, 1, 70.0, 1)
+  assert {r[0]: r[3] - r[1] for r in rows[1:]} == {
+      "forward: dot_general ab,bc->ac bf16[4,8]": 0, "forward: dot_general ab,bc->ac bf16[2,8]": 0}
+
+
 @pytest.fixture(scope="module")
 def tpu_compile():
   """fn(*shapes) -> (HLO text, optimal_seconds) compiled for one v5e chip, in this process."""

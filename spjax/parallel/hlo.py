@@ -168,14 +168,24 @@ class CycleSum:
   sentinels: list
 
 
-def cycle_sum(hlo_text: str) -> CycleSum:
+def cycle_sum(hlo_text: str, key=None, count: bool = False) -> CycleSum:
   """Per-op `estimated_cycles` of a TPU compile summed over what one step executes: a while body
   once per iteration, a conditional's costliest branch only (the one that updates the state, for
-  optax.apply_if_finite). Empty for other backends."""
-  return _cycle_sum(*_parse(hlo_text))
+  optax.apply_if_finite). Empty for other backends. Bucketed by `key(op)`: the JAX operation it
+  came from by default, or e.g. `op_and_shape` to tell one matmul from another. With `count`,
+  `cycles` holds each bucket's executed ops instead (the same walk, each op counting 1)."""
+  return _cycle_sum(*_parse(hlo_text), key or _category, count)
 
 
-def _cycle_sum(computations, entry) -> CycleSum:
+def op_and_shape(instr: _Instr) -> str:
+  """A bucket finer than the default: the JAX operation and the op's output shape (a fusion's
+  first output: the others are side outputs, or the buffers of a collective it overlaps), layout
+  left out, e.g. "backward: dot_general bf16[8,2048,8192]"."""
+  first = re.match(r"\(?\s*([a-z0-9]+\[[0-9,]*\])", instr.type)
+  return f"{_category(instr)} {first.group(1) if first else instr.type}"
+
+
+def _cycle_sum(computations, entry, key, count=False) -> CycleSum:
   memo = {}
 
   def cost(comp):
@@ -185,9 +195,9 @@ def _cycle_sum(computations, entry) -> CycleSum:
     for instr in computations.get(comp, ()):
       m = _CYCLES.search(instr.attrs)
       if m and int(m.group(1)) >= SENTINEL_CYCLES:
-        sentinels[(instr.name, _category(instr))] += 1
+        sentinels[(instr.name, key(instr))] += 1
       elif m:
-        totals[_category(instr)] += int(m.group(1))
+        totals[key(instr)] += 1 if count else int(m.group(1))
       called = _callees(instr, computations)
       if instr.opcode == "conditional" and called:
         branches = [cost(c) for _, c in called]
@@ -262,7 +272,8 @@ def xla_estimate(optimal_seconds, hlo_text: str, clock: float) -> XlaEstimate:
       below = _reachable(computations, branch)
       inside.update(below)
       k = sum(_uncosted(i) for c in below for i in computations[c])
-      branches.append((branch, k, sum(_cycle_sum(computations, branch).cycles.values()) / clock))
+      cycles = _cycle_sum(computations, branch, _category).cycles
+      branches.append((branch, k, sum(cycles.values()) / clock))
     if not any(k for _, k, _ in branches):
       continue  # XLA's max over branches is right as it stands
     clean = [b for b in branches if not b[1]]
