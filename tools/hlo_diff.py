@@ -6,25 +6,25 @@ A and B are compiled HLO texts (`tools/aot_tpu.py --dump_hlo=FILE`, or
 `benchmarks/maxtext_side_by_side.py --hlo_dir=DIR` for spjax's and MaxText's steps). Each op's
 `estimated_cycles` is summed over what one step executes (loops by their trip counts, a
 conditional's costliest branch: spjax.parallel.hlo.cycle_sum), bucketed by the JAX operation the
-op came from (`--by=op`: "backward: dot_general") or by that and its output shapes (`--by=shape`,
+op came from (`--by=op`: "backward: dot_general") or by that and its output shape (`--by=shape`,
 so the same matmul in both programs can be set side by side), and the buckets printed in order of
 how much they differ, in milliseconds at the chip's clock. Pallas kernels have no cycles and are
 not in these sums (tools/aot_tpu.py charges them separately).
 """
 
-from absl import app, flags
 import os
 import sys
 
+from absl import app, flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import aot_tpu  # noqa: E402  (its CHIPS: each chip's clock)
 from spjax.parallel import hlo  # noqa: E402
 
-CLOCKS = {"v4": 1.05e9, "v5e": 1.5e9, "v5p": 1.75e9, "v6e": 1.75e9}  # TensorCore Hz
-
-_CHIP = flags.DEFINE_enum("chip", "v5e", list(CLOCKS), "The chip both were compiled for.")
+_CHIP = flags.DEFINE_enum("chip", "v5e", list(aot_tpu.CHIPS), "The chip both were compiled for.")
 _BY = flags.DEFINE_enum("by", "op", ["op", "shape"], "Bucket by JAX operation, or by it and "
-                                                      "the op's output shapes.")
+                                                      "the op's output shape.")
 _TOP = flags.DEFINE_integer("top", 30, "Buckets to print.")
 
 
@@ -47,7 +47,7 @@ def main(argv):
     if not os.path.isfile(path):
       raise app.UsageError(f"no such HLO file: {path}")
     texts.append(open(path).read())
-  clock = CLOCKS[_CHIP.value]
+  clock = aot_tpu.CHIPS[_CHIP.value]["clock"]
   rows = diff(*texts, _BY.value, clock)
   total = lambda i: sum(r[i] for r in rows)
   print(f"A = {argv[1]}: {total(1):.1f} ms;  B = {argv[2]}: {total(3):.1f} ms  "

@@ -198,7 +198,8 @@ class MoE(nnx.Module):
     if table is None:
       return local(x, weights, experts, *w)
     rows = PartitionSpec(_entry(table.get("batch")))  # [B, ...] over the batch axes; weights whole
-    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=(rows,) * 3 + (PartitionSpec(),) * len(w),
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                         in_specs=(rows,) * 3 + (PartitionSpec(),) * len(w),
                          out_specs=rows)(x, weights, experts, *w)
 
 
