@@ -54,8 +54,8 @@ def main():
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch", type=int, default=16, help="sequences of 128 tokens per step")
   parser.add_argument("--settings", default=",".join(SETTINGS),
-                      help=f"comma-separated subset of {', '.join(SETTINGS).replace('%', '%%')} (runs are "
-                      "deterministic, so subsets run apart give the same numbers)")
+                      help=f"comma-separated subset of {', '.join(SETTINGS).replace('%', '%%')} "
+                      "(runs are deterministic, so subsets run apart give the same numbers)")
   parser.add_argument("--set", type=override, action="append", default=[], metavar="KEY=VALUE",
                       help="a config override for every run, e.g. model.d_model=256")
   parser.add_argument("--json", default="")

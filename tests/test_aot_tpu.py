@@ -175,8 +175,8 @@ def test_cycle_sum_buckets_by_op_and_output_shape_and_counts_executions():
                       "backward: dot_general ab,bc->ac bf16[4,8]": 40}  # a fusion's first output
   assert hlo.cycle_sum(_step(40)).cycles == {"forward: dot_general ab,bc->ac": 107,
                                               "backward: dot_general ab,bc->ac": 40}
-  assert hlo.cycle_sum(_step(40), count=True).cycles == {"forward: dot_general ab,bc->ac": 2,
-                                                         "backward: dot_general ab,bc->ac": 1}
+  assert hlo.cycle_sum(_step(40)).executions == {"forward: dot_general ab,bc->ac": 2,
+                                                 "backward: dot_general ab,bc->ac": 1}
 
 
 def test_hlo_diff_puts_the_op_that_differs_first():

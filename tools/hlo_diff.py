@@ -32,9 +32,8 @@ def diff(text_a: str, text_b: str, by: str, clock: float) -> list[tuple]:
   """[(bucket, ms in A, executions in A, ms in B, executions in B)], the largest |B - A| first."""
   key = hlo.op_and_shape if by == "shape" else None
   a, b = hlo.cycle_sum(text_a, key), hlo.cycle_sum(text_b, key)
-  na, nb = hlo.cycle_sum(text_a, key, count=True), hlo.cycle_sum(text_b, key, count=True)
-  rows = [(k, a.cycles.get(k, 0) / clock * 1e3, na.cycles.get(k, 0),
-           b.cycles.get(k, 0) / clock * 1e3, nb.cycles.get(k, 0))
+  rows = [(k, a.cycles.get(k, 0) / clock * 1e3, a.executions.get(k, 0),
+           b.cycles.get(k, 0) / clock * 1e3, b.executions.get(k, 0))
           for k in set(a.cycles) | set(b.cycles)]
   return sorted(rows, key=lambda r: -abs(r[3] - r[1]))
 

@@ -162,19 +162,20 @@ UNCOSTED_CUSTOM_CALLS = ("ConcatBitcast",)
 
 @dataclasses.dataclass
 class CycleSum:
-  """The cost model's cycles over the executed ops: {category: cycles}, and the ops it left
-  without an estimate, [(op, category, executions)], which are not in `cycles`."""
+  """The cost model's cycles over the executed ops: {category: cycles}, how many ops each
+  category's cycles came from ({category: executions}), and the ops it left without an estimate,
+  [(op, category, executions)], which are not in `cycles`."""
   cycles: dict
   sentinels: list
+  executions: dict
 
 
-def cycle_sum(hlo_text: str, key=None, count: bool = False) -> CycleSum:
+def cycle_sum(hlo_text: str, key=None) -> CycleSum:
   """Per-op `estimated_cycles` of a TPU compile summed over what one step executes: a while body
   once per iteration, a conditional's costliest branch only (the one that updates the state, for
   optax.apply_if_finite). Empty for other backends. Bucketed by `key(op)`: the JAX operation it
-  came from by default, or e.g. `op_and_shape` to tell one matmul from another. With `count`,
-  `cycles` holds each bucket's executed ops instead (the same walk, each op counting 1)."""
-  return _cycle_sum(*_parse(hlo_text), key or _category, count)
+  came from by default, or e.g. `op_and_shape` to tell one matmul from another."""
+  return _cycle_sum(*_parse(hlo_text), key)
 
 
 def op_and_shape(instr: _Instr) -> str:
@@ -185,37 +186,39 @@ def op_and_shape(instr: _Instr) -> str:
   return f"{_category(instr)} {first.group(1) if first else instr.type}"
 
 
-def _cycle_sum(computations, entry, key, count=False) -> CycleSum:
-  memo = {}
+def _cycle_sum(computations, entry, key=None) -> CycleSum:
+  key, memo = key or _category, {}
 
   def cost(comp):
     if comp in memo:
       return memo[comp]
-    totals, sentinels = collections.Counter(), collections.Counter()
+    totals, counts, sentinels = (collections.Counter() for _ in range(3))
     for instr in computations.get(comp, ()):
       m = _CYCLES.search(instr.attrs)
       if m and int(m.group(1)) >= SENTINEL_CYCLES:
         sentinels[(instr.name, key(instr))] += 1
       elif m:
-        totals[key(instr)] += 1 if count else int(m.group(1))
+        totals[key(instr)] += int(m.group(1))
+        counts[key(instr)] += 1
       called = _callees(instr, computations)
       if instr.opcode == "conditional" and called:
         branches = [cost(c) for _, c in called]
         best = max(branches, key=lambda b: sum(b[0].values()))
         totals.update(best[0])
-        for _, s in branches:  # every branch's unestimated ops get reported
+        counts.update(best[1])
+        for _, _, s in branches:  # every branch's unestimated ops get reported
           sentinels.update(s)
         continue
       for kind, callee in called:
         n = _trip_count(instr, computations) if kind == "body" else 1
-        t, s = cost(callee)
-        totals.update({k: n * v for k, v in t.items()})
-        sentinels.update({k: n * v for k, v in s.items()})
-    memo[comp] = totals, sentinels
+        for mine, theirs in zip((totals, counts, sentinels), cost(callee)):
+          mine.update({k: n * v for k, v in theirs.items()})
+    memo[comp] = totals, counts, sentinels
     return memo[comp]
 
-  totals, sentinels = cost(entry) if entry else ({}, {})
-  return CycleSum(dict(totals), [(op, cat, n) for (op, cat), n in sentinels.items()])
+  totals, counts, sentinels = cost(entry) if entry else ({}, {}, {})
+  return CycleSum(dict(totals), [(op, cat, n) for (op, cat), n in sentinels.items()],
+                  dict(counts))
 
 
 def cycle_totals(hlo_text: str) -> dict:
@@ -272,8 +275,7 @@ def xla_estimate(optimal_seconds, hlo_text: str, clock: float) -> XlaEstimate:
       below = _reachable(computations, branch)
       inside.update(below)
       k = sum(_uncosted(i) for c in below for i in computations[c])
-      cycles = _cycle_sum(computations, branch, _category).cycles
-      branches.append((branch, k, sum(cycles.values()) / clock))
+      branches.append((branch, k, sum(_cycle_sum(computations, branch).cycles.values()) / clock))
     if not any(k for _, k, _ in branches):
       continue  # XLA's max over branches is right as it stands
     clean = [b for b in branches if not b[1]]
