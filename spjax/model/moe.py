@@ -13,10 +13,13 @@ Two ways to run the experts, picked by `model.capacity_factor`:
   dispatched tokens [B, E, C, D] pinned to the layout.
 - dropless (0): the B * T * k assignments are sorted by expert and the experts run as grouped
   matmuls (`jax.lax.ragged_dot`); nothing is dropped. Under a layout the sort runs per batch shard
-  (`shard_map` over the batch's mesh axes): each device sorts its own rows' assignments against
-  every expert's weights, gathered to it like FSDP weights; left to the partitioner, the global
-  sort gathered every token to every device and each ran all N * k assignments. Tokens stay on
-  their device: data-parallel experts, not yet an expert-parallel (all-to-all) schedule.
+  (`shard_map` over the batch's mesh axes; left to the partitioner, the global sort gathered every
+  token to every device and each ran all N * k assignments). Where the experts split over axes
+  that also split the batch (fsdp_ep), the shards of an expert group all-gather each other's tokens,
+  each runs only its own experts' assignments and a reduce-scatter sums the outputs back
+  (`_dropless_expert_parallel`: expert parallel, with an all-gather for the ragged all-to-all
+  XLA:CPU lacks); under any other layout each device runs every expert, gathered to it like FSDP
+  weights, on its own rows' assignments.
 
 Router logits, probabilities and every statistic are float32. Each MoE layer reports three scalars
 over the real (segment id > 0) tokens, averaged over MoE layers by the model:
@@ -71,7 +74,7 @@ def _active_table() -> dict | None:
 
 def _exchange_axes():
   """(batch mesh axes, expert mesh axes) when the active layout splits the experts over axes that
-  also split the batch, so the capacity path can exchange tokens by all-to-all; else None."""
+  also split the batch, so each path can exchange tokens between expert shards; else None."""
   table = _active_table()
   if table is None:
     return None
@@ -193,13 +196,19 @@ class MoE(nnx.Module):
   def _dropless(self, x, weights, experts):
     cfg = self.cfg
     w = tuple(self._weights().values())  # [E, D, F] / [E, F, D]
-    local = lambda x, weights, experts, *w: _dropless_local(cfg, x, weights, experts, w)
     table = _active_table()
     if table is None:
-      return local(x, weights, experts, *w)
-    rows = PartitionSpec(_entry(table.get("batch")))  # [B, ...] over the batch axes; weights whole
+      return _grouped(cfg, x, weights, experts, cfg.num_experts, w)
+    rows = PartitionSpec(_entry(table.get("batch")))  # [B, ...] over the batch axes
+    if axes := _exchange_axes():  # each shard runs its own experts on the group's assignments
+      local = functools.partial(_dropless_expert_parallel, cfg, axes[1])
+      split = PartitionSpec(_entry(axes[1]))
+    else:  # each device runs every expert, gathered to it whole, on its own rows' assignments
+      local = lambda x, weights, experts, *w: _grouped(cfg, x, weights, experts,
+                                                       cfg.num_experts, w)
+      split = PartitionSpec()
     return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                         in_specs=(rows,) * 3 + (PartitionSpec(),) * len(w),
+                         in_specs=(rows,) * 3 + (split,) * len(w),
                          out_specs=rows)(x, weights, experts, *w)
 
 
@@ -221,15 +230,18 @@ def _kernels(cfg: ModelConfig) -> tuple:
   return ("gate", "up", "down") if cfg.gated_mlp else ("up", "down")
 
 
-def _dropless_local(cfg: ModelConfig, x, weights, experts, w):
-  """x [b, T, D], weights/experts [b, T, k], w the experts' (gate,) up, down -> y [b, T, D]."""
+def _grouped(cfg: ModelConfig, x, weights, groups, num_groups: int, w):
+  """x [b, T, D], weights/groups [b, T, k], w the (gate,) up, down kernels of `num_groups` experts
+  -> y [b, T, D]: each token's assignments to group g < num_groups run through expert g as one
+  grouped matmul; an assignment whose group is num_groups or more runs nowhere (zero output)."""
   b, t, d = x.shape
   k = cfg.experts_per_token
-  flat = experts.reshape(-1)  # [n*k]: assignment i is token i // k's (i % k)-th choice
-  order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
-  sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)  # [E]
+  flat = groups.reshape(-1)  # [n*k]: assignment i is token i // k's (i % k)-th choice
+  order = jnp.argsort(flat, stable=True)  # grouped by expert, the ones that run nowhere last
+  sizes = jnp.bincount(flat, length=num_groups).astype(jnp.int32)  # [G]; larger ids not counted
   tokens = x.reshape(b * t, d)[order // k]  # [n*k, D], sorted by expert
   def proj(h, i):  # w[i], named as the dense MLP's kernel, for the remat policies
+    # rows past sum(sizes) belong to no group: ragged_dot leaves them zero
     return jax.ad_checkpoint.checkpoint_name(jax.lax.ragged_dot(h, w[i], sizes),
                                              projection_name(_kernels(cfg)[i]))
   a = ACTIVATIONS[cfg.mlp_activation](proj(tokens, 0))
@@ -238,6 +250,26 @@ def _dropless_local(cfg: ModelConfig, x, weights, experts, w):
   out = proj(a, -1)  # [n*k, D], sorted
   out = jnp.zeros_like(out).at[order].set(out).reshape(b, t, k, d)  # back to token order
   return jnp.einsum("btkd,btk->btd", out, weights.astype(x.dtype))
+
+
+def _dropless_expert_parallel(cfg: ModelConfig, axes, x, weights, experts, *w):
+  """Dropless experts split over mesh `axes` that also split the batch (inside shard_map):
+  x [b, T, D], weights/experts [b, T, k]; w the kernels of this shard's E / ep experts.
+
+  The ep shards of an expert group gather each other's tokens and routing (an all-gather over
+  `axes`: [ep * b, T, ...]), each runs its own experts on the assignments routed to them, and the
+  partial outputs are summed back onto their rows' shard (a reduce-scatter). Every assignment runs
+  once, on its expert's shard, and nothing is dropped; the exchange is an all-gather rather than a
+  ragged all-to-all, which XLA:CPU does not implement (jax 0.10).
+  """
+  gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=0, tiled=True)
+  x_all, weights_all, experts_all = gather(x), gather(weights), gather(experts)
+  mine = w[0].shape[0]  # E / ep
+  first = jax.lax.axis_index(axes) * mine
+  local = jnp.where((experts_all >= first) & (experts_all < first + mine), experts_all - first,
+                    mine)  # [ep * b, T, k]: another shard's expert -> group `mine`, run nowhere
+  y = _grouped(cfg, x_all, weights_all, local, mine, w)  # [ep * b, T, D], this shard's part
+  return jax.lax.psum_scatter(y, axes, scatter_dimension=0, tiled=True)  # [b, T, D]
 
 
 def mean_stats(per_layer: list) -> dict:
