@@ -70,6 +70,51 @@ def test_pipelined_stack_equals_the_sequential_stack(repeats, microbatches, rema
   assert "collective-permute" in text  # the shift between stages
 
 
+# Pipeline stages with the experts also split over `expert` (expert parallelism inside each stage).
+PP_EP = "batch:stage,data,fsdp,expert;expert:expert;layers:stage;embed:fsdp"
+
+
+@pytest.mark.parametrize("layout,capacity_factor", [
+    ("pp", 2.0), ("fsdp_pp", 0.0), (PP_EP, 2.0), (PP_EP, 0.0)],
+    ids=["pp-capacity", "fsdp_pp-dropless", "pp_ep-capacity", "pp_ep-dropless"])
+def test_moe_layers_in_the_pipeline_equal_the_sequential_stack(layout, capacity_factor):
+  """MoE layers as pipeline stages: each layer's routing sums add up over the microbatches that
+  pass it, so the load-balance and z losses, the dropped share, the objective and its gradients
+  are the whole batch's, as in the sequential stack (capacity 2.0 = E / k: nothing drops)."""
+  ep = layout == PP_EP
+  cfg = tiny(layout=layout, **{
+      "model.num_layers": 8, "model.dtype": "float32", "mesh.ici.stage": 2 if ep else 4,
+      "pipeline.repeats": 2, "pipeline.microbatches": 4, "model.remat_policy": "full",
+      "model.num_experts": 4, "model.experts_per_token": 2,
+      "model.capacity_factor": capacity_factor} | (
+          {"mesh.ici.expert": 2, "mesh.ici.fsdp": 2} if ep else {}))
+  prog = program.build(cfg)
+  params = nnx.state(model_lib.Transformer(prog.model_cfg, nnx.Rngs(0)), nnx.Param)
+  batch = {k: jnp.asarray(v, jnp.int32)
+           for k, v in packed_batch(prog.global_batch, 32, cfg.model.vocab_size).items()}
+
+  def objective(params, batch):  # the aux losses weigh 1 here: their gradients show
+    (obj, (_, _, logged)), grads = jax.value_and_grad(step_lib.loss_sums, has_aux=True)(
+        params, prog.graphdef, batch, None, 0.0, 1 / 256)
+    return obj, logged, grads
+
+  sequential = jax.jit(objective)(params, batch)
+  with prog.activate():
+    args = (jax.device_put(params, prog.state_shardings["params"]),
+            jax.device_put(batch, prog.batch_sharding))
+    compiled = jax.jit(prog._under_layout(objective)).lower(*args).compile()
+    pipelined, text = compiled(*args), compiled.as_text()
+  np.testing.assert_allclose(pipelined[0], sequential[0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), pipelined[1],
+               sequential[1])
+  assert float(sequential[1]["moe_lb_loss"]) > 0 and float(sequential[1]["moe_z_loss"]) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max()),
+               pipelined[2], sequential[2])
+  if ep:  # the stage's experts exchange tokens with their expert shard (moe.py's shard_map)
+    op = " all-to-all(" if capacity_factor else " reduce-scatter("
+    assert any(op in line and "shard_map" in line for line in text.splitlines())
+
+
 def test_save_dots_no_batch_keeps_the_projections_inside_the_pipeline():
   """The stage vmap gives every matmul a batch dimension; the policy picks the projections by
   name, so each iteration still keeps q, k, v, gate and up of every layer of every stage."""

@@ -235,7 +235,7 @@ def _fold(key, i: int):
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); or both from x in parallel.
 
-  `moe`: the MLP is a mixture of experts (spjax/model/moe.py), whose stats the block returns.
+  `moe`: the MLP is a mixture of experts (spjax/model/moe.py), whose routing sums the block returns.
   """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
@@ -248,16 +248,16 @@ class Block(nnx.Module):
     self.mlp = moe_lib.MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
   def __call__(self, x, positions, segment_ids, key, cache=None):
-    """x [B, T, D] -> (x [B, T, D], new_kv as Attention's, MoE stats {name: []} or {} if dense)."""
+    """x [B, T, D] -> (x [B, T, D], new_kv as Attention's, MoE sums (moe.SUMS) or {} if dense)."""
     keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
     h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, keys[0], cache)
     h = dropout(h, self.rate, keys[1])
     if not self.parallel:  # else the MLP reads the block's input too
       x = constrain(x + h, ("batch", "length", "act_embed"))
     if self.moe:
-      m, stats = self.mlp(self.mlp_norm(x), segment_ids)
+      m, sums = self.mlp(self.mlp_norm(x), segment_ids)
     else:
-      m, stats = self.mlp(self.mlp_norm(x), keys[2]), {}
+      m, sums = self.mlp(self.mlp_norm(x), keys[2]), {}
     m = dropout(m, self.rate, keys[2])
     x = x + h + m if self.parallel else x + m
-    return constrain(x, ("batch", "length", "act_embed")), new_kv, stats
+    return constrain(x, ("batch", "length", "act_embed")), new_kv, sums

@@ -154,9 +154,12 @@ class Transformer(nnx.Module):
     if cfg.scan_layers and cached is None and pipeline.current() is not None:
       # The layout maps layers to stage: the same stack runs as a pipeline over the stage axis.
       def stage_layer(block, x, positions, segment_ids, key):
-        return block(x, positions, segment_ids, key)[0]
-      x = pipeline.run(stage_layer, self.blocks, x, (positions, segment_ids), keys,
-                       remat=cfg.remat_policy != "none", policy=policy)
+        x, _, sums = block(x, positions, segment_ids, key)
+        return x, sums
+      x, sums = pipeline.run(stage_layer, self.blocks, x, (positions, segment_ids), keys,
+                             remat=cfg.remat_policy != "none", policy=policy)
+      if cfg.num_experts:  # sums [L, ...] over every microbatch: the whole batch's, as below
+        self.moe_aux = moe_lib.Aux(moe_lib.mean_stats(cfg, [sums]))
       return self.final_norm(x), None
     if cfg.scan_layers:
       # Scanning needs the caches stacked along a leading L axis: a copy each call, so decoding
@@ -166,22 +169,22 @@ class Transformer(nnx.Module):
                          0 if cached is not None else None),
                 out_axes=(nnx.Carry, 0), transform_metadata=_LAYERS)
       def run_stack(x, block, key, layer_kv):
-        x, kv, stats = layer(block, x, key, layer_kv)
-        return x, (kv, stats)
-      x, (new_kv, stats) = run_stack(x, self.blocks, keys, stacked)  # stats: {name: [L]}
-      per_layer_stats = [stats]
+        x, kv, sums = layer(block, x, key, layer_kv)
+        return x, (kv, sums)
+      x, (new_kv, sums) = run_stack(x, self.blocks, keys, stacked)  # sums: {name: [L, ...]}
+      per_layer_sums = [sums]
       if cached is not None:
         new_kv = tuple(tuple(jnp.unstack(a)) for a in new_kv)
     else:
-      per_layer, per_layer_stats = [], []
+      per_layer, per_layer_sums = [], []
       for i, block in enumerate(self.blocks):
         layer_kv = None if cached is None else (cached[0].k[i], cached[0].v[i])
-        x, kv, stats = layer(block, x, None if keys is None else keys[i], layer_kv)
+        x, kv, sums = layer(block, x, None if keys is None else keys[i], layer_kv)
         per_layer.append(kv)
-        per_layer_stats.append(stats)
+        per_layer_sums.append(sums)
       new_kv = None if cached is None else tuple(zip(*per_layer))  # ((k per layer), (v per layer))
     if cfg.num_experts and cached is None:
-      self.moe_aux = moe_lib.Aux(moe_lib.mean_stats(per_layer_stats))
+      self.moe_aux = moe_lib.Aux(moe_lib.mean_stats(cfg, per_layer_sums))
     return self.final_norm(x), new_kv
 
 

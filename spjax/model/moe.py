@@ -21,8 +21,10 @@ Two ways to run the experts, picked by `model.capacity_factor`:
   XLA:CPU lacks); under any other layout each device runs every expert, gathered to it like FSDP
   weights, on its own rows' assignments.
 
-Router logits, probabilities and every statistic are float32. Each MoE layer reports three scalars
-over the real (segment id > 0) tokens, averaged over MoE layers by the model:
+Router logits, probabilities and every statistic are float32. Each MoE layer returns sums over
+its real (segment id > 0) tokens (`SUMS`: additive, so a pipeline adds them up over microbatches
+and gets the whole batch's), from which `mean_stats` makes three scalars per layer, averaged over
+MoE layers:
 - `lb_loss`: E * sum_e f_e * P_e (Switch Transformer), f_e the share of token-to-expert
   assignments that expert e received (sums to 1), P_e its mean router probability; 1.0 when
   balanced, E when every token picks the same experts.
@@ -46,6 +48,10 @@ from jax.sharding import PartitionSpec
 from spjax.model.config import ACTIVATIONS, ModelConfig, projection_name
 
 STATS = ("lb_loss", "z_loss", "dropped_fraction")
+# What a layer returns: sums over real tokens ([E] for the per-expert ones), added across
+# microbatches as they are: tokens n, assignments per expert, router probability per expert, the
+# squared router logsumexp, and the assignments that found a slot.
+SUMS = ("tokens", "assigned", "prob", "z_squared", "kept")
 
 
 def capacity(cfg: ModelConfig, seq_len: int) -> int:
@@ -114,7 +120,7 @@ class MoE(nnx.Module):
                       0.02 / math.sqrt(2 * cfg.num_layers))
 
   def route(self, x, valid):
-    """x [B, T, D], valid [B, T] bool -> (weights [B, T, k] f32, experts [B, T, k] int, stats)."""
+    """x [B, T, D], valid [B, T] bool -> (weights [B, T, k] f32, experts [B, T, k] int, sums)."""
     cfg = self.cfg
     logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32),
                         self.router[...].astype(jnp.float32))  # [B, T, E]
@@ -123,23 +129,21 @@ class MoE(nnx.Module):
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)  # renormalised (Mixtral)
     v = valid.astype(jnp.float32)
     weights = weights * v[..., None]
-    n = jnp.maximum(jnp.sum(v), 1.0)
     chosen = jnp.sum(jax.nn.one_hot(experts, cfg.num_experts), axis=2) * v[..., None]  # [B, T, E]
-    share = jnp.sum(chosen, axis=(0, 1)) / (n * cfg.experts_per_token)  # [E], sums to 1
-    mean_prob = jnp.sum(probs * v[..., None], axis=(0, 1)) / n  # [E]
-    stats = {"lb_loss": cfg.num_experts * jnp.sum(share * mean_prob),
-             "z_loss": jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * v) / n}
-    return weights, experts, stats
+    sums = {"tokens": jnp.sum(v), "assigned": jnp.sum(chosen, axis=(0, 1)),  # [E]
+            "prob": jnp.sum(probs * v[..., None], axis=(0, 1)),  # [E]
+            "z_squared": jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * v)}
+    return weights, experts, sums
 
   def __call__(self, x, segment_ids):
-    """x [B, T, D], segment_ids [B, T] -> (y [B, T, D], {stat: float32 []})."""
+    """x [B, T, D], segment_ids [B, T] -> (y [B, T, D], {sum: float32 [] or [E]} as in SUMS)."""
     valid = segment_ids > 0
-    weights, experts, stats = self.route(x, valid)
+    weights, experts, sums = self.route(x, valid)
     if self.cfg.capacity_factor > 0:
-      y, dropped = self._capacity(x, valid, weights, experts)
-    else:
-      y, dropped = self._dropless(x, weights, experts), jnp.zeros((), jnp.float32)
-    return y.astype(x.dtype), {**stats, "dropped_fraction": dropped}
+      y, kept = self._capacity(x, valid, weights, experts)
+    else:  # every assignment of a real token runs
+      y, kept = self._dropless(x, weights, experts), sums["tokens"] * self.cfg.experts_per_token
+    return y.astype(x.dtype), {**sums, "kept": kept}
 
   def _capacity(self, x, valid, weights, experts):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -164,9 +168,7 @@ class MoE(nnx.Module):
       out = _expert_mlps(cfg, constrain_dispatched(routed, "act_embed"), self._weights(),
                          constrain_dispatched)
       y = jnp.einsum("becd,btec->btd", constrain_dispatched(out, "act_embed"), combine)  # [B, T, D]
-    n = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32) * k
-    dropped = 1.0 - jnp.sum(kept.astype(jnp.float32)) / n
-    return y, dropped
+    return y, jnp.sum(kept.astype(jnp.float32))
 
   def _weights(self) -> dict:  # {kernel name: [E, D, F] / [E, F, D] in the compute dtype}
     return {n: getattr(self, n)[...].astype(self.cfg.dtype) for n in _kernels(self.cfg)}
@@ -272,12 +274,23 @@ def _dropless_expert_parallel(cfg: ModelConfig, axes, x, weights, experts, *w):
   return jax.lax.psum_scatter(y, axes, scatter_dimension=0, tiled=True)  # [b, T, D]
 
 
-def mean_stats(per_layer: list) -> dict:
-  """Averages the MoE layers' stats ({stat: [] or [L]}) into {stat: []}; {} for a dense model."""
-  per_layer = [s for s in per_layer if s]
-  if not per_layer:
+def layer_stats(cfg: ModelConfig, sums: dict) -> dict:
+  """{sum: [..., (E)]} of one or more layers (leading dims) -> {stat: [...]}, as the module says."""
+  n = jnp.maximum(sums["tokens"], 1.0)
+  share = sums["assigned"] / (n * cfg.experts_per_token)[..., None]  # [..., E], sums to 1
+  mean_prob = sums["prob"] / n[..., None]
+  return {"lb_loss": cfg.num_experts * jnp.sum(share * mean_prob, axis=-1),
+          "z_loss": sums["z_squared"] / n,
+          "dropped_fraction": 1.0 - sums["kept"] / (n * cfg.experts_per_token)}
+
+
+def mean_stats(cfg: ModelConfig, per_layer: list) -> dict:
+  """The MoE layers' sums ({sum: [(L,) ...]} each; {} for dense layers) -> {stat: []}: each
+  layer's stats, averaged over the MoE layers; {} for a dense model."""
+  stats = [layer_stats(cfg, s) for s in per_layer if s]
+  if not stats:
     return {}
-  return {k: jnp.mean(jnp.concatenate([jnp.atleast_1d(s[k]) for s in per_layer])) for k in STATS}
+  return {k: jnp.mean(jnp.concatenate([jnp.atleast_1d(s[k]) for s in stats])) for k in STATS}
 
 
 class Aux(nnx.Intermediate):

@@ -21,6 +21,11 @@ move one stage per iteration towards stage 0 (a conveyor, again a roll), and out
 same way back. Inside the stack the rules lose `stage` (`Schedule.inner_rules`): there it is the
 stage dimension, and a microbatch's rows split over the batch's other axes only.
 
+Mixture-of-experts layers run inside the stages like any other: each layer's routing sums (tokens,
+assignments and router probability per expert, ...; spjax/model/moe.py) are added up over the
+microbatches that pass through it, bubble iterations masked out, so the load-balance loss is the
+whole batch's, as without a pipeline.
+
 Costs seen in the compiled step (tools/layout_report.py): with repeats > 1 a stage's layers are
 strided in the canonical stack, so every step regroups the stack (the partitioner gathers it);
 with `data` > 1 the partitioner all-reduces each stage's weight gradients on every iteration
@@ -154,10 +159,13 @@ def _pin(x, names):
 def run(layer, blocks, x, extras, keys, *, remat: bool, policy=None):
   """The stacked layers `blocks` applied in order to x [B, T, D], as a pipeline (`current()`).
 
-  layer(block, x [b, T, D], *extras [b, T], key) -> [b, T, D] runs one layer on b rows; extras
-  (positions, segment ids) travel with their rows; keys: [L] dropout keys or None (each layer's key
-  is folded with the microbatch index). With `remat` each iteration's stage compute is
-  rematerialised under `policy` (only its input is kept per iteration).
+  layer(block, x [b, T, D], *extras [b, T], key) -> ([b, T, D], sums) runs one layer on b rows;
+  extras (positions, segment ids) travel with their rows; keys: [L] dropout keys or None (each
+  layer's key is folded with the microbatch index). `sums` is a pytree of per-layer sums over the
+  rows (a MoE layer's routing sums; {} for dense layers), added up over the microbatches that pass
+  through the layer: returns (x [B, T, D], sums with a leading [L] in canonical layer order). With
+  `remat` each iteration's stage compute is rematerialised under `policy` (only its input is kept
+  per iteration).
   """
   sched = current()
   s, m, r, lps, d = (sched.stages, sched.microbatches, sched.repeats, sched.layers_per_stage,
@@ -183,8 +191,8 @@ def run(layer, blocks, x, extras, keys, *, remat: bool, policy=None):
                      else a[0], w)
     key = None if key is None else jax.vmap(jax.random.fold_in, (0, None))(key[rep], micro)
     def one(x, wk):
-      return layer(nnx.merge(graphdef, wk[0]), x, *extras, wk[1]), None
-    return jax.lax.scan(one, x, (w, key))[0]
+      return layer(nnx.merge(graphdef, wk[0]), x, *extras, wk[1])
+    return jax.lax.scan(one, x, (w, key))  # (x, sums [lps, ...])
   compute = jax.vmap(stage, spmd_axis_name=spmd)  # every stage at once, stage dim over `stage`
   if remat:
     compute = jax.checkpoint(compute, policy=policy, prevent_cse=False)
@@ -210,9 +218,13 @@ def run(layer, blocks, x, extras, keys, *, remat: bool, policy=None):
              *(_pin(to_stages(e), (None,) + tok) for e in extras))  # [S, M/S, mb, ...]
     io_out = jnp.zeros_like(io_in[0])
     state = jax.tree.map(lambda a: jnp.zeros_like(a[:, 0]), io_in)  # [S, mb, ...]: each stage's input
+    # Per stage, repeat and layer of the stage: the sums of the microbatches it ran [S, R, lps, ...]
+    shapes = jax.eval_shape(compute, stack, state[0], state[1:], stack_keys, stage_ids,
+                            stage_ids)[1]  # {} for dense layers
+    totals = jax.tree.map(lambda a: _pin(jnp.zeros((s, r, *a.shape[1:]), a.dtype), ()), shapes)
 
     def iteration(carry, t):
-      state, io_in, io_out = carry
+      state, io_in, io_out, totals = carry
       t0 = t - stage_ids  # per stage: the iteration its microbatch entered stage 0
       u = jnp.mod(t0, s * r)  # position within the group of S microbatches x R repeats
       rep = jnp.clip(u // s, 0, r - 1)
@@ -224,7 +236,11 @@ def run(layer, blocks, x, extras, keys, *, remat: bool, policy=None):
       inputs = tuple(where_stage(fresh & (stage_ids == 0), c, a) for c, a in zip(col, state))
       io_in = tuple(put(a, g_in, jnp.where(fresh, jnp.roll(c, -1, axis=0), c))
                     for a, c in zip(io_in, col))
-      out = compute(stack, inputs[0], inputs[1:], stack_keys, rep, micro)  # [S, mb, T, D]
+      out, sums = compute(stack, inputs[0], inputs[1:], stack_keys, rep, micro)  # [S, mb, T, D]
+      ran = (t0 >= 0) & (t0 < m * r)  # [S]: a real microbatch, not the bubble's stale rows
+      slot = ran[:, None] & (jnp.arange(r)[None] == rep[:, None])  # [S, R]
+      totals = jax.tree.map(lambda tot, a: tot + jnp.where(
+          slot.reshape(s, r, *[1] * (a.ndim - 1)), a[:, None], 0), totals, sums)
       # The last stage's microbatch: after its last repeat it joins the outputs' conveyor.
       t_last = t - (s - 1)
       done = (t_last >= 0) & (jnp.mod(t_last, s * r) >= (r - 1) * s)
@@ -234,7 +250,10 @@ def run(layer, blocks, x, extras, keys, *, remat: bool, policy=None):
       io_out = put(io_out, g_out, jnp.where(done, pushed, ocol))
       state = (_pin(jnp.roll(out, 1, axis=0), act),  # stage j's output is stage j+1's input
                *(_pin(jnp.roll(e, 1, axis=0), tok) for e in inputs[1:]))
-      return (state, io_in, io_out), None
+      return (state, io_in, io_out, totals), None
 
-    (_, _, io_out), _ = jax.lax.scan(iteration, (state, io_in, io_out), jnp.arange(sched.iterations))
-  return sharding.constrain(from_stages(io_out), ("batch", "length", "act_embed"))
+    (_, _, io_out, totals), _ = jax.lax.scan(iteration, (state, io_in, io_out, totals),
+                                             jnp.arange(sched.iterations))
+  # [S, R, lps, ...] -> [L, ...]: layer r*S*lps + j*lps + i from [j, r, i]
+  totals = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[3:]), totals)
+  return sharding.constrain(from_stages(io_out), ("batch", "length", "act_embed")), totals

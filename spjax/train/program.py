@@ -256,10 +256,7 @@ def build(config, devices=None) -> Program:
     hf.check_matches(config.init_from, model_cfg)
   layout = layouts.parse(config.layout)
   mesh = sharding.make_mesh(config.mesh, layout, devices)
-  if pipeline.schedule(config, model_cfg, layout, mesh) and model_cfg.num_experts:
-    raise ValueError(f"layout {layout.source!r} pipelines the layers, which has no path for the "
-                     f"mixture-of-experts losses yet; set model.num_experts=0 or use a layout that "
-                     f"does not map 'layers' to 'stage' (fsdp_ep)")
+  pipeline.schedule(config, model_cfg, layout, mesh)  # its checks, before anything is traced
   moe.check_layout(model_cfg, layout, mesh)
   # Resolved before the model is built: the graphdef carries the attention the steps will trace.
   model_cfg = dataclasses.replace(model_cfg, attention=attention.choose(
