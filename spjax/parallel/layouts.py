@@ -36,18 +36,20 @@ PRESETS = {
     # Hybrid sharded data parallel: FSDP within a slice (fast ICI), plain data parallelism across
     # slices (slow DCN), so only one gradient all-reduce per step crosses slices.
     "hsdp": Layout.from_rules(_BATCH | _FSDP, "hsdp", mesh={"fsdp": -1}, dcn_mesh={"data": -1}),
+    # Expert parallelism inside FSDP (mixture-of-experts models, spjax/model/moe.py): each expert's
+    # weights live on one slice of the `expert` axis, which splits the batch everywhere outside
+    # the experts; dispatched tokens move to their expert's devices and back (all-to-all; dropless:
+    # the expert group's tokens are all-gathered and the outputs reduce-scattered back). Dense
+    # weights split over `fsdp` only, so `expert` holds copies of them. With a pipeline:
+    # "batch:stage,data,fsdp,expert;expert:expert;layers:stage;embed:fsdp".
+    "fsdp_ep": Layout.from_rules({"batch": ("data", "fsdp", "expert"), "expert": "expert"} | _FSDP,
+                                 "fsdp_ep", mesh={"fsdp": -1, "expert": 2}),
     # Tensor parallel weights (as fsdp_tp), but the residual stream between matmuls splits along
     # d_model over `tensor` instead of being replicated: parameters' `embed` goes to `fsdp` while
     # activations' `act_embed` goes to `tensor`. Each block's closing all-reduce becomes a
     # reduce-scatter plus an all-gather (same bytes), and norms and the residual memory shrink by
     # the tensor size (Megatron sequence parallelism's trade, on d_model because `length` is shared
     # by every activation).
-    # Expert parallelism inside FSDP (mixture-of-experts models, spjax/model/moe.py): each expert's
-    # weights live on one slice of the `expert` axis, which splits the batch everywhere outside
-    # the experts; dispatched tokens move to their expert's devices and back (all-to-all). Dense
-    # weights split over `fsdp` only, so `expert` holds copies of them.
-    "fsdp_ep": Layout.from_rules({"batch": ("data", "fsdp", "expert"), "expert": "expert"} | _FSDP,
-                                 "fsdp_ep", mesh={"fsdp": -1, "expert": 2}),
     "fsdp_tp_rs": Layout.from_rules(_BATCH | _FSDP | _TENSOR | {"act_embed": "tensor"},
                                     "fsdp_tp_rs", mesh={"fsdp": -1, "tensor": 2}),
     # Pipeline parallelism: the layer stack splits into stages over `stage` (spjax/parallel/
