@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,12 @@ def layer_and_input(capacity_factor, seq_len=8):
   segments = np.ones((2, seq_len), np.int32)
   segments[1, -3:] = 0  # padding at the end of row 1
   return cfg, layer, x, jnp.asarray(segments)
+
+
+def forward(cfg, layer, x, segments):
+  """(y [B, T, D], the layer's stats from the sums it returns)."""
+  y, sums = layer(x, segments)
+  return y, moe.layer_stats(cfg, sums)
 
 
 def reference(cfg, layer, x, segments):
@@ -68,8 +75,7 @@ def test_forward_matches_a_per_token_loop(capacity_factor):
   cfg, layer, x, segments = layer_and_input(capacity_factor)
   if capacity_factor:
     assert moe.capacity(cfg, x.shape[1]) == x.shape[1]  # room for every token: nothing drops
-  y, sums = layer(x, segments)
-  stats = moe.layer_stats(cfg, sums)
+  y, stats = forward(cfg, layer, x, segments)
   want, dropped = reference(cfg, layer, x, segments)
   np.testing.assert_allclose(y, want, atol=1e-5)
   assert dropped == 0 and float(stats["dropped_fraction"]) == 0
@@ -79,8 +85,7 @@ def test_forward_matches_a_per_token_loop(capacity_factor):
 def test_small_capacity_drops_the_right_tokens():
   cfg, layer, x, segments = layer_and_input(0.5, seq_len=16)
   assert moe.capacity(cfg, 16) == 4
-  y, sums = layer(x, segments)
-  stats = moe.layer_stats(cfg, sums)
+  y, stats = forward(cfg, layer, x, segments)
   want, dropped = reference(cfg, layer, x, segments)
   assert dropped > 0.1
   np.testing.assert_allclose(float(stats["dropped_fraction"]), dropped, rtol=1e-6)
@@ -89,8 +94,7 @@ def test_small_capacity_drops_the_right_tokens():
 
 def test_aux_losses_equal_the_hand_computation():
   cfg, layer, x, segments = layer_and_input(0.0)
-  _, sums = layer(x, segments)
-  stats = moe.layer_stats(cfg, sums)
+  _, stats = forward(cfg, layer, x, segments)
   valid = np.asarray(segments).reshape(-1) > 0
   logits = (np.asarray(x, np.float64).reshape(-1, cfg.d_model) @
             np.asarray(layer.router[...], np.float64))[valid]  # [n, E], real tokens only
@@ -146,6 +150,13 @@ def test_param_counts_and_flops_count_active_experts():
 # ---------------------------------------------------------------------------------------------------
 # Layouts: expert parallelism trains exactly like data parallelism
 # ---------------------------------------------------------------------------------------------------
+
+
+def step_hlo(prog) -> str:
+  """The compiled train step's HLO text under prog's layout (8 simulated devices)."""
+  with prog.activate():
+    return prog.jit_train_step().lower(prog.abstract_state(),
+                                       prog.abstract_batch()).compile().as_text()
 
 
 def tiny_moe(layout, **overrides):
@@ -259,13 +270,10 @@ def test_fsdp_ep_capacity_path_exchanges_tokens_by_all_to_all():
   # The dispatched slots go to their experts' shard and back by the explicit all-to-alls of
   # MoE._exchanged: two in the layer's forward, their two transposes in its backward, each moving
   # one device's [b, E, C, D] slots (left to GSPMD, the partitioner gathered tokens instead).
-  import re
   from spjax.parallel import hlo
   seq = 32
   prog = program.build(tiny_moe("fsdp_ep", seq_len=seq, **{"model.capacity_factor": 1.0}))
-  with prog.activate():
-    text = prog.jit_train_step().lower(prog.abstract_state(),
-                                       prog.abstract_batch()).compile().as_text()
+  text = step_hlo(prog)
   exchanges = [line for line in text.splitlines()
                if " all-to-all(" in line and "shard_map/all_to_all" in line]
   assert len(exchanges) == 4  # in the scanned layer's body: once per MoE layer
@@ -314,12 +322,9 @@ def test_fsdp_ep_dropless_runs_each_expert_on_its_own_shard():
   # Expert parallel without a capacity: each device holds E / ep experts (their kernels gathered
   # over fsdp only), gathers its expert group's tokens and routing, runs its own experts on the
   # group's ep * n * k assignment rows, and a reduce-scatter over the group sums the outputs back.
-  import re
   seq = 48
   prog = program.build(tiny_moe("fsdp_ep", seq_len=seq, **{"model.capacity_factor": 0.0}))
-  with prog.activate():
-    text = prog.jit_train_step().lower(prog.abstract_state(),
-                                       prog.abstract_batch()).compile().as_text()
+  text = step_hlo(prog)
   ep, rows = prog.mesh.shape["expert"], prog.global_batch // prog.mesh.size
   cfg = prog.model_cfg
   gathered = set(re.findall(r"= [fs]32\[([\d,]+)\]\{[\d,]+\} all-gather\(", text))
@@ -337,11 +342,8 @@ def test_fsdp_ep_dropless_runs_each_expert_on_its_own_shard():
 def test_dropless_sorts_each_batch_shard_on_its_own_device():
   # Under fsdp over 8 devices each device runs the grouped matmuls on its own rows' n * k
   # assignments, not on the whole batch's N * k (what a global sort left to the partitioner did).
-  import re
   prog = program.build(tiny_moe("fsdp", seq_len=48, **{"model.capacity_factor": 0.0}))
-  with prog.activate():
-    text = prog.jit_train_step().lower(prog.abstract_state(),
-                                       prog.abstract_batch()).compile().as_text()
+  text = step_hlo(prog)
   everyone = prog.global_batch * 48 * K  # N * k
   mine = everyone // prog.mesh.size
   f = prog.model_cfg.mlp_dim

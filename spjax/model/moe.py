@@ -198,17 +198,16 @@ class MoE(nnx.Module):
   def _dropless(self, x, weights, experts):
     cfg = self.cfg
     w = tuple(self._weights().values())  # [E, D, F] / [E, F, D]
+    # every expert, on the rows it is given
+    local = lambda x, weights, experts, *w: _grouped(cfg, x, weights, experts, cfg.num_experts, w)
     table = _active_table()
     if table is None:
-      return _grouped(cfg, x, weights, experts, cfg.num_experts, w)
+      return local(x, weights, experts, *w)
     rows = PartitionSpec(_entry(table.get("batch")))  # [B, ...] over the batch axes
+    split = PartitionSpec()  # each device runs every expert, gathered to it whole, on its own rows
     if axes := _exchange_axes():  # each shard runs its own experts on the group's assignments
       local = functools.partial(_dropless_expert_parallel, cfg, axes[1])
       split = PartitionSpec(_entry(axes[1]))
-    else:  # each device runs every expert, gathered to it whole, on its own rows' assignments
-      local = lambda x, weights, experts, *w: _grouped(cfg, x, weights, experts,
-                                                       cfg.num_experts, w)
-      split = PartitionSpec()
     return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
                          in_specs=(rows,) * 3 + (split,) * len(w),
                          out_specs=rows)(x, weights, experts, *w)
