@@ -208,9 +208,13 @@ class MoE(nnx.Module):
     if axes := _exchange_axes():  # each shard runs its own experts on the group's assignments
       local = functools.partial(_dropless_expert_parallel, cfg, axes[1])
       split = PartitionSpec(_entry(axes[1]))
+    # check_vma=False: inside the pipeline's stage vmap (spmd_axis_name="stage") jax 0.12.1 marks
+    # the sorted keys as varying over `stage` but argsort's own iota not, and refuses the sort.
+    # Unchecked, the transpose sums a replicated input's cotangent over the axes its spec leaves
+    # out, the same gradients (tests/test_moe.py, tests/test_pipeline.py).
     return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
                          in_specs=(rows,) * 3 + (split,) * len(w),
-                         out_specs=rows)(x, weights, experts, *w)
+                         out_specs=rows, check_vma=False)(x, weights, experts, *w)
 
 
 def _expert_mlps(cfg: ModelConfig, h, w: dict, pin):
