@@ -152,8 +152,10 @@ def test_nan_policy_skip_trains_through(monkeypatch, tmp_path):
 
 def test_nan_policy_abort_saves_the_last_good_state(monkeypatch, tmp_path):
   poison_train_batches(monkeypatch, {3})
+  handler = signal.getsignal(signal.SIGTERM)
   with pytest.raises(train.BadStepError, match="step 3.*nan_policy"):
     train.train_and_evaluate(tiny(num_train_steps=6, nan_policy="abort"), str(tmp_path))
+  assert signal.getsignal(signal.SIGTERM) is handler  # the run's preemption handler is gone
   state = restore(str(tmp_path), tiny(), step=3)
   assert int(state["opt_state"].total_notfinite) == 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))

@@ -1,5 +1,6 @@
 """train_and_evaluate(config, workdir): build the program, restore or init the state, loop."""
 
+import contextlib
 import os
 import time
 
@@ -61,125 +62,129 @@ def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   if primary:
     metrics_lib.write_config(workdir, config)
-  writer = metrics_lib.MetricWriter(workdir, config.num_train_steps, is_primary=primary)
-  ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
-                                     save_every_steps=config.checkpoint_every_steps,
-                                     keep_every_steps=config.keep_checkpoint_every_steps)
-  watcher = preemption.Watcher(ckpt)
+  # Closed however the run ends, an exception too: the SIGTERM handler is put back, the last
+  # async checkpoint finished, TensorBoard's queue flushed before the interpreter shuts down.
+  with contextlib.ExitStack() as cleanup:
+    writer = metrics_lib.MetricWriter(workdir, config.num_train_steps, is_primary=primary)
+    cleanup.callback(writer.close)
+    ckpt = checkpoint_lib.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep,
+                                       save_every_steps=config.checkpoint_every_steps,
+                                       keep_every_steps=config.keep_checkpoint_every_steps)
+    cleanup.callback(ckpt.close)
+    watcher = preemption.Watcher(ckpt)
+    cleanup.callback(watcher.close)
 
-  # ================================================================================================
-  # Data: each process reads its own rows of the global batch.
-  # ================================================================================================
-  data_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = iter(pipeline.make_dataset(
-      config, "train", tokenizer, batch_size=prog.global_batch // jax.process_count(), **data_kw))
-  evaluation = evaluate_lib.Evaluation(
-      config, tokenizer, prog.batch_sharding,
-      batch_size=config.per_device_batch_size * mesh.size // jax.process_count(), **data_kw)
-  em_examples = exact_match.held_out(config, tokenizer, jax.process_count())  # [] unless sft
-
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(prog.batch_sharding, np.asarray(v))
-            for k, v in batch.items()}
-
-  with prog.activate():
     # ==============================================================================================
-    # State: born sharded by a jit init, or restored straight into the same shardings.
+    # Data: each process reads its own rows of the global batch.
     # ==============================================================================================
-    start_step = ckpt.latest_step()
-    if start_step is None:
-      if config.init_from:
-        state = prog.pretrained_state()
-        print(f"spjax: starting from the weights of {config.init_from}", flush=True)
+    data_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(pipeline.make_dataset(
+        config, "train", tokenizer, batch_size=prog.global_batch // jax.process_count(), **data_kw))
+    evaluation = evaluate_lib.Evaluation(
+        config, tokenizer, prog.batch_sharding,
+        batch_size=config.per_device_batch_size * mesh.size // jax.process_count(), **data_kw)
+    em_examples = exact_match.held_out(config, tokenizer, jax.process_count())  # [] unless sft
+
+    def to_global(batch):
+      return {k: jax.make_array_from_process_local_data(prog.batch_sharding, np.asarray(v))
+              for k, v in batch.items()}
+
+    with prog.activate():
+      # ============================================================================================
+      # State: born sharded by a jit init, or restored straight into the same shardings.
+      # ============================================================================================
+      start_step = ckpt.latest_step()
+      if start_step is None:
+        if config.init_from:
+          state = prog.pretrained_state()
+          print(f"spjax: starting from the weights of {config.init_from}", flush=True)
+        else:
+          state = prog.jit_init()()
+        start_step = 0
       else:
-        state = prog.jit_init()()
-      start_step = 0
-    else:
-      state = prog.restore(ckpt, start_step, train_iter)
-      print(f"spjax: resumed from {workdir}/checkpoints at step {start_step}", flush=True)
-    train_step, eval_step = prog.jit_train_step(), prog.jit_eval_step()
+        state = prog.restore(ckpt, start_step, train_iter)
+        print(f"spjax: resumed from {workdir}/checkpoints at step {start_step}", flush=True)
+      train_step, eval_step = prog.jit_train_step(), prog.jit_eval_step()
 
-    def evaluate(step):
-      """Loss per domain (a fresh pass over each validation split) and their mixture-weighted sum;
-      the same for the moving average of the params when there is one."""
-      out = {}
-      for key, prefix in (("params", "eval"), ("ema_params", "eval/ema")):
-        if key in state:
-          metrics, losses = evaluation(eval_step, state[key], prefix)
-          out |= metrics
+      def evaluate(step):
+        """Loss per domain (a fresh pass over each validation split) and their mixture-weighted sum;
+        the same for the moving average of the params when there is one."""
+        out = {}
+        for key, prefix in (("params", "eval"), ("ema_params", "eval/ema")):
+          if key in state:
+            metrics, losses = evaluation(eval_step, state[key], prefix)
+            out |= metrics
+            if primary:
+              print(evaluate_lib.summary(step, metrics, losses, prefix), flush=True)
+        writer.write(step, out)
+        if primary and config.plot_every_eval:  # WORKDIR/metrics.png, redrawn with every eval
+          plots.plot([workdir], os.path.join(workdir, "metrics.png"))
+        return out
+
+      def log_window(step, window, elapsed):
+        """Writes the mean metrics of the steps since the last log; applies config.nan_policy."""
+        finite = [m for m in window if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])]
+        skipped = int(jax.device_get(state["opt_state"].total_notfinite))  # over the whole run
+        if len(finite) < len(window) and config.nan_policy == "abort":
+          prog.save(ckpt, step, state, train_iter, force=True)  # bad updates were never applied
+          ckpt.wait()
+          raise BadStepError(
+              f"{len(window) - len(finite)} step(s) up to step {step} had a non-finite loss or "
+              f"gradient (config.nan_policy='abort'); their updates were not applied and the "
+              f"state after step {step} is saved in {workdir}/checkpoints. Set "
+              "config.nan_policy='skip' to train through such steps.")
+        tokens_per_sec = len(window) * prog.global_batch * config.seq_len / elapsed
+        out = {
+            "train/loss": float(np.mean([m["loss"] for m in finite])) if finite else float("nan"),
+            "train/grad_norm": float(finite[-1]["grad_norm"]) if finite else float("nan"),
+            "train/learning_rate": float(window[-1]["learning_rate"]),
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/mfu": tokens_per_sec * flops_per_token / peak_flops,
+            "train/skipped_steps": skipped,
+            "train/tokens": step * prog.global_batch * config.seq_len,  # seen so far (plot x-axis)
+        }
+        for name in sorted(window[-1].keys() - {"loss", "grad_norm", "learning_rate", "tokens"}):
+          # the objective's own terms (distillation: kl, ce)
+          out[f"train/{name}"] = (float(np.mean([m[name] for m in finite])) if finite
+                                  else float("nan"))
+        writer.write(step, out)
+        writer.progress(step, out["train/loss"], tokens_per_sec)
+        return out
+
+      # ============================================================================================
+      # Train loop.
+      # ============================================================================================
+      pending, window_start, final, stop = [], time.perf_counter(), {}, False
+      for step in range(start_step, config.num_train_steps):
+        state, metrics = train_step(state, to_global(next(train_iter)))
+        pending.append(metrics)  # fetched only when logging, so steps stay asynchronous
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == config.num_train_steps:
+          final = log_window(done, jax.device_get(pending), time.perf_counter() - window_start)
+          pending, window_start = [], time.perf_counter()
+        if done % config.eval_every_steps == 0 or done == config.num_train_steps:
+          final |= evaluate(done)
+          window_start = time.perf_counter()  # eval time is not training throughput
+        stop = watcher.should_stop(done)
+        prog.save(ckpt, done, state, train_iter, force=stop or done == config.num_train_steps)
+        if stop:
+          if pending:
+            log_window(done, jax.device_get(pending), time.perf_counter() - window_start)
           if primary:
-            print(evaluate_lib.summary(step, metrics, losses, prefix), flush=True)
-      writer.write(step, out)
-      if primary and config.plot_every_eval:  # WORKDIR/metrics.png, redrawn with every eval
-        plots.plot([workdir], os.path.join(workdir, "metrics.png"))
-      return out
+            print(f"spjax: preempted; saved step {done}. Rerun the same command to resume.",
+                  flush=True)
+          break
 
-    def log_window(step, window, elapsed):
-      """Writes the mean metrics of the steps since the last log; applies config.nan_policy."""
-      finite = [m for m in window if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])]
-      skipped = int(jax.device_get(state["opt_state"].total_notfinite))  # over the whole run
-      if len(finite) < len(window) and config.nan_policy == "abort":
-        prog.save(ckpt, step, state, train_iter, force=True)  # bad updates were never applied
-        ckpt.wait()
-        raise BadStepError(
-            f"{len(window) - len(finite)} step(s) up to step {step} had a non-finite loss or "
-            f"gradient (config.nan_policy='abort'); their updates were not applied and the state "
-            f"after step {step} is saved in {workdir}/checkpoints. Set config.nan_policy='skip' to "
-            "train through such steps.")
-      tokens_per_sec = len(window) * prog.global_batch * config.seq_len / elapsed
-      out = {
-          "train/loss": float(np.mean([m["loss"] for m in finite])) if finite else float("nan"),
-          "train/grad_norm": float(finite[-1]["grad_norm"]) if finite else float("nan"),
-          "train/learning_rate": float(window[-1]["learning_rate"]),
-          "train/tokens_per_sec": tokens_per_sec,
-          "train/mfu": tokens_per_sec * flops_per_token / peak_flops,
-          "train/skipped_steps": skipped,
-          "train/tokens": step * prog.global_batch * config.seq_len,  # seen so far (plot x-axis)
-      }
-      for name in sorted(window[-1].keys() - {"loss", "grad_norm", "learning_rate", "tokens"}):
-        # the objective's own terms (distillation: kl, ce)
-        out[f"train/{name}"] = float(np.mean([m[name] for m in finite])) if finite else float("nan")
-      writer.write(step, out)
-      writer.progress(step, out["train/loss"], tokens_per_sec)
-      return out
-
-    # ==============================================================================================
-    # Train loop.
-    # ==============================================================================================
-    pending, window_start, final, stop = [], time.perf_counter(), {}, False
-    for step in range(start_step, config.num_train_steps):
-      state, metrics = train_step(state, to_global(next(train_iter)))
-      pending.append(metrics)  # fetched only when logging, so steps stay asynchronous
-      done = step + 1
-      if done % config.log_every_steps == 0 or done == config.num_train_steps:
-        final = log_window(done, jax.device_get(pending), time.perf_counter() - window_start)
-        pending, window_start = [], time.perf_counter()
-      if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-        final |= evaluate(done)
-        window_start = time.perf_counter()  # eval time is not training throughput
-      stop = watcher.should_stop(done)
-      prog.save(ckpt, done, state, train_iter, force=stop or done == config.num_train_steps)
-      if stop:
-        if pending:
-          log_window(done, jax.device_get(pending), time.perf_counter() - window_start)
+      if em_examples and not stop:
+        score, _ = exact_match.for_params(
+            prog.graphdef, state["params"], em_examples, tokenizer, config.data.chat_template,
+            max_prompt_tokens=config.seq_len, batch_size=config.per_device_batch_size * mesh.size)
+        step = int(jax.device_get(state["step"]))
+        final["eval/exact_match"] = score
+        writer.write(step, {"eval/exact_match": score})
         if primary:
-          print(f"spjax: preempted; saved step {done}. Rerun the same command to resume.",
+          print(f"exact match at step {step}: {score:.3f} on {len(em_examples)} held-out prompts",
                 flush=True)
-        break
 
-    if em_examples and not stop:
-      score, _ = exact_match.for_params(
-          prog.graphdef, state["params"], em_examples, tokenizer, config.data.chat_template,
-          max_prompt_tokens=config.seq_len, batch_size=config.per_device_batch_size * mesh.size)
-      step = int(jax.device_get(state["step"]))
-      final["eval/exact_match"] = score
-      writer.write(step, {"eval/exact_match": score})
-      if primary:
-        print(f"exact match at step {step}: {score:.3f} on {len(em_examples)} held-out prompts",
-              flush=True)
-
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
-  watcher.close()
+    ckpt.wait()
   return final
