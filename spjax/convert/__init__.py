@@ -9,7 +9,6 @@ import os
 
 import jax
 from flax.core import spmd as flax_spmd
-from jax.sharding import SingleDeviceSharding
 
 from spjax.parallel import sharding
 
@@ -26,7 +25,7 @@ def target_shardings(abstract_params):
   """Shardings for an abstract param State: the active layout's (validated), else one device."""
   active = active_layout()
   if active is None:
-    device = SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.devices()[0])
     return jax.tree.map(lambda _: device, abstract_params)
   return sharding.param_shardings(abstract_params, *active)  # ValueError names a bad tensor
 
