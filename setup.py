@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["spjax", "spjax.*"]),
     package_data={"spjax.data": ["*.model"]},
     # Lower bounds are the versions the suite passes on: Python 3.11 with jax 0.10.2 / flax 0.12.8,
-    # and Python 3.12 with the newest the index gives it, jax 0.12.0.1 / flax 0.12.12 (.ci/run).
+    # and Python 3.12 with the newest the index gives it, jax 0.12.1 / flax 0.12.12 (.ci/run).
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",
