@@ -335,8 +335,8 @@ def test_fsdp_ep_dropless_runs_each_expert_on_its_own_shard():
   assert (str(ep * rows * seq * K), str(cfg.mlp_dim)) in dots
   # The expert group is each pair of neighbouring devices; XLA spells those groups as a list
   # (jax 0.10), an iota ([4,2]<=[8]) or, from jax 0.12, the mesh and the axis it reduces over.
-  pairs = "{" + ",".join("{%d,%d}" % (i, i + 1) for i in range(0, prog.mesh.size, ep)) + "}"
   n = prog.mesh.size
+  pairs = "{" + ",".join("{%d,%d}" % (i, i + 1) for i in range(0, n, ep)) + "}"
   groups = (f"replica_groups={pairs},", f"replica_groups=[{n // ep},{ep}]<=[{n}],", "] {'expert'}, ")
   summed = [line for line in text.splitlines() if f"f32[{rows},{seq},{cfg.d_model}]" in line
             and " reduce-scatter(" in line and any(g in line for g in groups)]
