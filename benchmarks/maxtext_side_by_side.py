@@ -132,12 +132,12 @@ def keep_hlo(text: str, system: str, w: dict) -> None:
 
 def spjax_program(w: dict, remat: str):
   """spjax's config and Program of the row on the topology's devices (no compile), and its peak."""
-  from jax.experimental import topologies
+  import aot_tpu
   from configs import default
   from spjax.train import metrics, program
   config = default.get_config("1b")
   config.update_from_flattened_dict(spjax_overrides(w, remat))
-  devices = topologies.get_topology_desc(platform="tpu", topology_name=w["topology"]).devices
+  devices = aot_tpu.topology_devices(w["topology"])
   return config, program.build(config, devices), metrics.peak_flops_per_device(devices[0])
 
 

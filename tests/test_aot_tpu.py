@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -188,12 +189,17 @@ def test_hlo_diff_puts_the_op_that_differs_first():
 
 
 @pytest.fixture(scope="module")
-def tpu_compile():
-  """fn(*shapes) -> (HLO text, optimal_seconds) compiled for one v5e chip, in this process."""
+def tpu_env():
+  """libtpu loads in this process without a TPU or its metadata server (compile only)."""
   for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5litepod-16"),
                      ("TPU_WORKER_HOSTNAMES", "localhost"),
                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
     os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="module")
+def tpu_compile(tpu_env):
+  """fn(*shapes) -> (HLO text, optimal_seconds) compiled for one v5e chip, in this process."""
   from jax.experimental import topologies
   chip = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[:1]
   replicated = NamedSharding(Mesh(np.array(chip), ("x",)), PartitionSpec())
@@ -240,6 +246,39 @@ def test_xla_estimate_on_compiled_programs(tpu_compile):
   text, raw = tpu_compile(lambda a: double(a) @ a, MATRIX)
   x = hlo.xla_estimate(raw, text, 1.5e9)
   assert x.seconds is None and "Pallas" in x.refusal
+
+
+def test_wraparound_is_that_of_the_real_slices():
+  assert aot_tpu.wraparound("v5p:4x4x4") == aot_tpu.wraparound("v4:4x4x8") == (True,) * 3
+  assert aot_tpu.wraparound("v5p:2x4x4") == aot_tpu.wraparound("v4:2x2x1") == (False,) * 3
+  assert aot_tpu.wraparound("v5e:16x16") == (True, True, False)
+  assert aot_tpu.wraparound("v5e:8x16") == (False, True, False)
+  assert aot_tpu.wraparound("v5e:4x4") == (False,) * 3
+
+
+@needs_libtpu
+def test_fsdp_weights_are_all_gathered_on_the_v5p_torus(tpu_env):
+  # On v5p:4x4x4 (wraparound on) the compiler all-gathers an fsdp-sharded weight when the mesh's
+  # fsdp axis runs in spjax's (physical) device order; in jax.devices() order it all-reduced a
+  # zero-padded copy instead (the 7B's gathers, before; BENCHMARKS.md).
+  import ml_collections
+  from spjax.parallel import layouts, sharding
+  devices = aot_tpu.topology_devices("v5p:4x4x4")
+  zeros = {a: 0 for a in sharding.MESH_AXES}
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"ici": zeros, "dcn": dict(zeros)}),
+                            layouts.parse("fsdp"), devices)
+  assert mesh.shape["fsdp"] == 64
+
+  def collectives(m):
+    w = jax.ShapeDtypeStruct((512, 1024), jnp.float32,
+                             sharding=NamedSharding(m, PartitionSpec("fsdp", None)))
+    x = jax.ShapeDtypeStruct((64, 128, 512), jnp.bfloat16,
+                             sharding=NamedSharding(m, PartitionSpec("fsdp")))
+    text = jax.jit(lambda w, x: x @ w.astype(x.dtype)).lower(w, x).compile().as_text()
+    return re.findall(r" (all-gather|all-reduce|reduce-scatter)(?:-start)?\(", text)
+  assert collectives(mesh) == ["all-gather"]
+  as_listed = Mesh(np.array(devices).reshape(mesh.devices.shape), mesh.axis_names)
+  assert collectives(as_listed) == ["all-reduce"]
 
 
 def test_context_parallel_kernels_are_charged_their_share_of_each_row():

@@ -140,6 +140,23 @@ def splash_seconds(prog, calls: dict, flops_per_second: float) -> dict:
           / cp / flops_per_second for name, n in calls.items()}
 
 
+def wraparound(topology: str) -> tuple[bool, bool, bool]:
+  """Which dimensions of a slice have wraparound links, as Cloud TPU builds them: on the 3D tori
+  (v4, v5p) all three once every dimension is a multiple of 4 (v5p-128 = 4x4x4 on up), on the 2D
+  chips (v5e, v6e) a dimension of 16. get_topology_desc's default is none, a slice that does not
+  exist at 4x4x4: there the compiler gathered FSDP weights with all-reduces."""
+  dims = [int(d) for d in topology.split(":")[1].split("x")]
+  if len(dims) == 3:
+    return (all(d % 4 == 0 for d in dims),) * 3
+  return tuple(d % 16 == 0 for d in dims) + (False,)
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+  """The devices of `num_slices` slices of `topology` ("v5p:4x4x4"), wraparound as on the real slice."""
+  return topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=num_slices,
+                                      wrap=wraparound(topology)).devices
+
+
 def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
         kernel_efficiency: float = 0.5) -> dict:
   if not 0 < kernel_efficiency <= 1:
@@ -148,8 +165,7 @@ def run(config, topology: str, num_slices: int, hlo_path: str | None = None,
   if chip not in CHIPS:
     raise ValueError(f"unknown TPU generation {chip!r} in --topology={topology}; known: "
                      f"{', '.join(CHIPS)}")
-  devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                         num_slices=num_slices).devices
+  devices = topology_devices(topology, num_slices)
   prog = program.build(config, devices)
   print(f"compiling the step for {topology} ...", file=sys.stderr, flush=True)
   real = compile_step(prog)

@@ -200,7 +200,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax
-  from jax.experimental import topologies
 
   import aot_tpu
   aot_tpu.compile_only_environment()
@@ -219,8 +218,7 @@ def main(argv):
     if chip not in aot_tpu.CHIPS:
       raise ValueError(f"unknown TPU generation {chip!r} in --topology; known: "
                        f"{', '.join(aot_tpu.CHIPS)}")
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                           num_slices=_NUM_SLICES.value).devices
+    devices = aot_tpu.topology_devices(topology, _NUM_SLICES.value)
   except ValueError as e:
     print(f"plan: {e}", file=sys.stderr)
     sys.exit(2)
