@@ -201,12 +201,12 @@ def make_mesh(mesh_cfg, layout: Layout, devices=None) -> Mesh:
 
 def _physical_order(shape: list[int], devices: list) -> np.ndarray:
   """`devices` arranged as `shape` so that each mesh axis runs along rings of the TPU interconnect
-  (elsewhere: the given order, which is all the CPU and GPU handlers do).
+  (on CPU the given order; on GPU ordered by device id).
 
-  On a v5p:4x4x4 torus in jax.devices() order (hosts' 2x2 trays one after another) the compiler
-  cannot gather an fsdp axis with all-gathers: every weight gather became a zero-padded
-  dynamic-update-slice plus an all-reduce (twice the ICI bytes, a full-size buffer each, 40% more
-  generated code on the 7B; BENCHMARKS.md). In this order it emits 3D all-gathers, as for MaxText.
+  On the v5p:4x4x4 torus (wraparound links in all three dimensions) in jax.devices() order, the
+  hosts' 2x2 trays one after another, the compiler gathered an fsdp axis as a zero-padded
+  dynamic-update-slice plus an all-reduce: twice the ICI bytes, a full-size buffer per gather and,
+  on the 7B, 0.64 GiB more generated code (BENCHMARKS.md). In this order it emits 3D all-gathers.
   """
   from jax.experimental import mesh_utils
   try:
