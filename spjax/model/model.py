@@ -23,7 +23,7 @@ from spjax.model import moe as moe_lib
 from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
 from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, neftune, param, product
 from spjax.parallel import pipeline
-from spjax.parallel.sharding import constrain
+from spjax.parallel.sharding import constrain, logical_spec
 
 
 @jax.tree_util.register_dataclass
@@ -141,6 +141,12 @@ class Transformer(nnx.Module):
     if dropout_key is not None and neftune_alpha:  # its own key; the layers' keys as without it
       x = neftune(x, neftune_alpha, jax.random.fold_in(dropout_key, cfg.num_layers))
     x = x.astype(cfg.dtype)
+    if _lookup_splits_embed():
+      # The lookup's rows come out split like the table's `embed` (every row on every device)
+      # and move to the batch layout below. Pinned here, after the cast, the backward pass moves
+      # their gradient back in bf16 and upcasts it for the float32 scatter-add into the table;
+      # unpinned, XLA moved it as float32 [B, T, D].
+      x = constrain(x, (None, None, "embed"))
     x = constrain(x, ("batch", "length", "act_embed"))
 
     policy = REMAT_POLICIES[cfg.remat_policy]
@@ -186,6 +192,16 @@ class Transformer(nnx.Module):
     if cfg.num_experts and cached is None:
       self.moe_aux = moe_lib.Aux(moe_lib.mean_stats(cfg, per_layer_sums))
     return self.final_norm(x), new_kv
+
+
+def _lookup_splits_embed() -> bool:
+  """Whether the layout splits the embedding table's `embed` over a mesh axis that also splits
+  `batch` (fsdp): then the lookup returns every row with `embed` split."""
+  spec = logical_spec(("batch", "embed"))
+  if spec is None:
+    return False
+  axes = [set(e if isinstance(e, tuple) else (e,)) - {None} for e in spec]
+  return bool(axes[0] & axes[1])
 
 
 def unembed(x, table, dtype, names):
