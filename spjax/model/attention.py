@@ -147,8 +147,7 @@ def context_shards() -> int:
   if spec is None or spec[0] is None:
     return 1
   mesh = jax.sharding.get_abstract_mesh()
-  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-  return int(np.prod([mesh.shape[a] for a in axes]))
+  return int(np.prod([mesh.shape[a] for a in sharding.spec_axes(spec[0])]))
 
 
 def _chunk_order(cp: int) -> np.ndarray:
@@ -195,7 +194,7 @@ def _context_kernel(heads: int, seq_len: int, cp: int, interpret: bool):
 
 def _context_parallel(q, k, v, segment_ids, mesh, q_spec, kv_spec, seg_spec):
   cp, seq_axes = context_shards(), q_spec[1]
-  heads = q.shape[2] // int(np.prod([mesh.shape[a] for a in _axes(q_spec[2])]))
+  heads = q.shape[2] // int(np.prod([mesh.shape[a] for a in sharding.spec_axes(q_spec[2])]))
   # The mask info is per query shard: it enters shard_map as an argument split like the queries.
   kernels = {flag: _context_kernel(heads, q.shape[1], cp, flag) for flag in (False, True)}
   kernel_spec = kernels[True].manual_sharding_spec(
@@ -214,10 +213,6 @@ def _context_parallel(q, k, v, segment_ids, mesh, q_spec, kv_spec, seg_spec):
 
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, kernel_spec),
                        out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, kernels[True])
-
-
-def _axes(entry) -> tuple:
-  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
 # Matmuls of size [T, S] x Dh that each splash kernel runs per row and head: forward QK^T and PV;

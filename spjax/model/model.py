@@ -23,7 +23,7 @@ from spjax.model import moe as moe_lib
 from spjax.model.config import REMAT_POLICIES, SIZES, ModelConfig  # noqa: F401  (re-exported)
 from spjax.model.layers import K_CACHE_AXES, V_CACHE_AXES, Block, Norm, neftune, param, product
 from spjax.parallel import pipeline
-from spjax.parallel.sharding import constrain, logical_spec
+from spjax.parallel.sharding import constrain, logical_spec, spec_axes
 
 
 @jax.tree_util.register_dataclass
@@ -200,8 +200,8 @@ def _lookup_splits_embed() -> bool:
   spec = logical_spec(("batch", "embed"))
   if spec is None:
     return False
-  axes = [set(e if isinstance(e, tuple) else (e,)) - {None} for e in spec]
-  return bool(axes[0] & axes[1])
+  batch, embed = (set(spec_axes(e)) for e in spec)
+  return bool(batch & embed)
 
 
 def unembed(x, table, dtype, names):

@@ -105,6 +105,11 @@ def _spec_entry(axes: tuple[str, ...]):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, an axis, or a tuple of axes) as a tuple."""
+  return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
 def _load_rules_file(path: str) -> Layout:
   """JSON: {"rules": {logical: [mesh axes]}, "mesh": {...}}; Python: RULES = {...}, MESH = {...}."""
   if not os.path.exists(path):
