@@ -254,6 +254,9 @@ def test_wraparound_is_that_of_the_real_slices():
   assert aot_tpu.wraparound("v5e:16x16") == (True, True, False)
   assert aot_tpu.wraparound("v5e:8x16") == (False, True, False)
   assert aot_tpu.wraparound("v5e:4x4") == (False,) * 3
+  for bad in ("v5p", "v5p:4x4xq"):
+    with pytest.raises(ValueError, match="expected GENERATION:DIMS"):
+      aot_tpu.wraparound(bad)
 
 
 @needs_libtpu

@@ -145,7 +145,11 @@ def wraparound(topology: str) -> tuple[bool, bool, bool]:
   (v4, v5p) all three once every dimension is a multiple of 4 (v5p-128 = 4x4x4 on up), on the 2D
   chips (v5e, v6e) a dimension of 16. get_topology_desc's default is none, a slice that does not
   exist at 4x4x4: there the compiler gathered FSDP weights with all-reduces."""
-  dims = [int(d) for d in topology.split(":")[1].split("x")]
+  try:
+    dims = [int(d) for d in topology.split(":")[1].split("x")]
+  except (IndexError, ValueError):
+    raise ValueError(f"--topology={topology}: expected GENERATION:DIMS, e.g. v5p:4x4x4 or "
+                     "v5e:4x4") from None
   if len(dims) == 3:
     return (all(d % 4 == 0 for d in dims),) * 3
   return tuple(d % 16 == 0 for d in dims) + (False,)
