@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from spjax.model import layers
 from spjax.model import model as model_lib
 
 import residuals
@@ -124,3 +125,30 @@ def test_num_params_matches_the_built_model():
 def test_bad_model_config_names_the_field(field, value, needle):
   with pytest.raises(ValueError, match=needle):
     model_lib.ModelConfig.from_config(dataclasses.replace(CFG, **{field: value}).to_config())
+
+
+def rotate_half_rope(x, positions, theta, rotary_dim, scale=1.0):
+  """RoPE as transformers writes it (rotate_half), in x's dtype, in the layout x [B, T, N, Dh]."""
+  half = rotary_dim // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # float32, as spjax's
+  angles = jnp.asarray(positions, jnp.float32)[:, :, None, None] * inv_freq
+  sin, cos = ((scale * f(angles)).astype(x.dtype) for f in (jnp.sin, jnp.cos))
+  x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin,
+                          rest * jnp.asarray(scale, x.dtype)], axis=-1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("rotary_dim,scale", [(16, 1.0), (16, 0.25), (8, 0.25)])
+def test_rope_is_rotate_half_to_the_bit_in_either_head_order(dtype, rotary_dim, scale):
+  # layers.rope turns x by a matmul with a signed permutation (a TPU speed-up): the products must
+  # stay exact, the scale must reach the pass-through features, and [B, N, T, Dh] must work too.
+  x = jax.random.normal(jax.random.key(0), (2, 24, 3, 16), dtype)
+  positions = np.arange(24)[None] + np.array([[0], [1000]])  # [B, T]; large angles in row 1
+  want = rotate_half_rope(x, positions, 500.0, rotary_dim, scale)
+  got = layers.rope(x, jnp.asarray(positions)[:, :, None], 500.0, rotary_dim, scale)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=0, atol=0)
+  heads_first = layers.rope(x.transpose(0, 2, 1, 3), jnp.asarray(positions)[:, None, :], 500.0,
+                            rotary_dim, scale)
+  np.testing.assert_array_equal(heads_first.transpose(0, 2, 1, 3), got)

@@ -35,8 +35,9 @@ IMPLS = ("auto", "xla", "splash")  # auto: splash on TPU where the run allows it
 BLOCK = 512  # q and kv block length: MaxText's default for TPU v4/v5; shorter sequences use T
 LANES = 128  # splash blocks must be multiples of the TPU lane width
 RESIDUALS = "attention"  # checkpoint name of the kernel's residuals, for remat policies to keep
-Q_AXES = ("batch", "length", "act_heads", "head_dim")
-KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
+# Heads before length, the layout the kernel reads: the model makes q, k, v in it (layers.py).
+Q_AXES = ("batch", "act_heads", "length", "head_dim")
+KV_AXES = ("batch", "act_kv_heads", "length", "head_dim")
 
 
 def check_seq_len(seq_len: int, context_shards: int = 1):
@@ -96,18 +97,15 @@ def _kernel(heads: int, seq_len: int, interpret: bool):
 
 
 def _local(q, k, v, segment_ids, *, interpret: bool):
-  """One device's rows: q [b, T, h, Dh], k/v [b, T, k, Dh], segment_ids [b, T] -> [b, T, h, Dh]."""
-  kernel = _kernel(q.shape[2], q.shape[1], interpret)
+  """One device's rows: q [b, h, T, Dh], k/v [b, k, T, Dh], segment_ids [b, T] -> [b, h, T, Dh]."""
+  kernel = _kernel(q.shape[1], q.shape[2], interpret)
   return _apply(kernel, q, k, v, segment_ids, segment_ids)
 
 
 def _apply(kernel, q, k, v, q_segments, kv_segments):
-  """q [b, Tq, h, Dh], k/v [b, S, k, Dh] -> [b, Tq, h, Dh] by `kernel`, vmapped over rows."""
-  q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # splash does not scale the scores
-  q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # heads before length, as splash reads
+  """q [b, h, Tq, Dh], k/v [b, k, S, Dh] -> [b, h, Tq, Dh] by `kernel`, vmapped over rows."""
   segments = splash_lib.SegmentIds(q=q_segments, kv=kv_segments)
-  out = jax.vmap(kernel)(q, k, v, segment_ids=segments)  # [b, h, Tq, Dh]
-  return out.transpose(0, 2, 1, 3)
+  return jax.vmap(kernel)(q, k, v, segment_ids=segments)
 
 
 def _per_platform(q, k, v, segment_ids):
@@ -121,15 +119,17 @@ def _per_platform(q, k, v, segment_ids):
 def splash(q, k, v, segment_ids):
   """Causal attention within packed documents (segment ids equal), GQA by head groups.
 
-  q [B, T, H, Dh], k/v [B, T, K, Dh], segment_ids [B, T] -> [B, T, H, Dh] in q's dtype. Under a
-  layout that shards `length`, the rows must be in `balance`'s order (the model does that).
+  q [B, H, T, Dh] already times 1 / sqrt(Dh) (the kernel does not scale the scores), k/v
+  [B, K, T, Dh], segment_ids [B, T] -> [B, H, T, Dh] in q's dtype: heads before length, as the
+  kernel reads them. Under a layout that shards `length`, the rows must be in
+  `balance`'s order (the model does that).
   """
   mesh = jax.sharding.get_abstract_mesh()
   q_spec = sharding.logical_spec(Q_AXES)
   if q_spec is None:  # no layout active: one device
     return _per_platform(q, k, v, segment_ids)
   kv_spec = sharding.logical_spec(KV_AXES)
-  seg_spec = jax.sharding.PartitionSpec(*q_spec[:2])
+  seg_spec = jax.sharding.PartitionSpec(q_spec[0], q_spec[2])
   if context_shards() > 1:
     return _context_parallel(q, k, v, segment_ids, mesh, q_spec, kv_spec, seg_spec)
   return jax.shard_map(_per_platform, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
@@ -156,10 +156,10 @@ def _chunk_order(cp: int) -> np.ndarray:
   return np.stack([np.arange(cp), 2 * cp - 1 - np.arange(cp)], axis=1).reshape(-1)
 
 
-def _reorder(x, order):  # x [B, T, ...] -> the chunks of T in `order`
-  b, t = x.shape[:2]
-  chunks = x.reshape(b, len(order), t // len(order), *x.shape[2:])
-  return chunks[:, order].reshape(x.shape)
+def _reorder(x, order, axis: int = 1):  # the chunks of x's `axis` (length) in `order`
+  t = x.shape[axis]
+  chunks = x.reshape(*x.shape[:axis], len(order), t // len(order), *x.shape[axis + 1:])
+  return jnp.take(chunks, order, axis=axis).reshape(x.shape)
 
 
 def balance(x, cp: int):
@@ -193,17 +193,18 @@ def _context_kernel(heads: int, seq_len: int, cp: int, interpret: bool):
 
 
 def _context_parallel(q, k, v, segment_ids, mesh, q_spec, kv_spec, seg_spec):
-  cp, seq_axes = context_shards(), q_spec[1]
-  heads = q.shape[2] // int(np.prod([mesh.shape[a] for a in sharding.spec_axes(q_spec[2])]))
+  cp, seq_axes = context_shards(), q_spec[2]
+  heads = q.shape[1] // int(np.prod([mesh.shape[a] for a in sharding.spec_axes(q_spec[1])]))
   # The mask info is per query shard: it enters shard_map as an argument split like the queries.
-  kernels = {flag: _context_kernel(heads, q.shape[1], cp, flag) for flag in (False, True)}
+  kernels = {flag: _context_kernel(heads, q.shape[2], cp, flag) for flag in (False, True)}
   kernel_spec = kernels[True].manual_sharding_spec(
       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, seq_axes)))
 
-  def local(q, k, v, segments, mask_info):  # q [b, T/cp, h, Dh]; k, v [b, T/cp, k, Dh]
-    gather = functools.partial(jax.lax.all_gather, axis_name=seq_axes, axis=1, tiled=True)
-    order = np.argsort(_chunk_order(cp))  # gathered keys come in balanced order: make it natural
-    k, v, kv_segments = (_reorder(gather(a), order) for a in (k, v, segments))  # [b, T, ...]
+  def local(q, k, v, segments, mask_info):  # q [b, h, T/cp, Dh]; k, v [b, k, T/cp, Dh]
+    def natural(x, axis):  # gathered keys come in balanced order: make it natural
+      whole = jax.lax.all_gather(x, axis_name=seq_axes, axis=axis, tiled=True)
+      return _reorder(whole, np.argsort(_chunk_order(cp)), axis)
+    k, v, kv_segments = natural(k, 2), natural(v, 2), natural(segments, 1)  # T whole
 
     def run(interpret):
       kernel = jax.tree.unflatten(jax.tree.structure(kernels[interpret]),

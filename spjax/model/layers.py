@@ -91,9 +91,11 @@ class Norm(nnx.Module):
     return y
 
 
-def rope(x, positions, theta: float, rotary_dim: int):
+def rope(x, positions, theta: float, rotary_dim: int, scale: float = 1.0):
   """Rotary embedding of the first `rotary_dim` features of each head, half-split convention (HF's
-  rotate_half); the rest pass through. x [B, T, N, Dh], positions [B, T].
+  rotate_half); the rest pass through. x [..., Dh], positions broadcastable to x's leading dims:
+  [B, T, 1] for x [B, T, N, Dh], [B, 1, T] for x [B, N, T, Dh]. The result is times `scale`, taken
+  into the sines and cosines: a scaled rotation costs no pass over x of its own.
 
   Angles, sines and cosines in float32 (positions reach thousands of radians); the rotation itself
   in x's dtype, as transformers does (in float32 its converts were ~8% of the scanned 1B's TPU
@@ -101,11 +103,21 @@ def rope(x, positions, theta: float, rotary_dim: int):
   """
   half = rotary_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [R/2]
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
-  sin = jnp.sin(angles).astype(x.dtype)[:, :, None, :]  # [B, T, 1, R/2]
-  cos = jnp.cos(angles).astype(x.dtype)[:, :, None, :]
-  x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, 1, R/2] or [B, 1, T, R/2]
+  sin, cos = (jnp.asarray(scale * f(angles), x.dtype) for f in (jnp.sin, jnp.cos))
+  sin, cos = (jnp.concatenate([t, t], axis=-1) for t in (sin, cos))  # [..., R]
+  # rotate_half(x) = [-x2, x1] as a product with a signed permutation [R, R]. On TPU, XLA wrote the
+  # two rotated halves as half-width buffers and joined them in a copy of q of its own; a matmul
+  # keeps its elementwise consumers in its output pass (1B on v5e: -3.4 ms a layer, BENCHMARKS.md).
+  # Exact: one nonzero term of +-1 per output, at full precision for float32 x too.
+  eye, zero = jnp.eye(half, dtype=x.dtype), jnp.zeros((half, half), x.dtype)
+  swap = jnp.block([[zero, eye], [-eye, zero]])  # [R, R]: xr @ swap = [-x2, x1]
+  xr, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+  turned = jnp.einsum("...d,de->...e", xr, swap, precision=jax.lax.Precision.HIGHEST)
+  rotated = xr * cos + turned * sin
+  if not rest.size:
+    return rotated
+  return jnp.concatenate([rotated, rest * jnp.asarray(scale, x.dtype)], axis=-1)
 
 
 class Attention(nnx.Module):
@@ -133,6 +145,22 @@ class Attention(nnx.Module):
     y = adapted(self, name, x, y, _fold(key, "qkv".index(name)))
     return y + getattr(self, name + "_bias")[...].astype(dt) if self.cfg.attn_bias else y
 
+  def _splash(self, x, positions, segment_ids, key):  # x [B, T, D] -> [B, T, D]
+    """Training attention by the splash kernel, which reads q, k, v heads before length: they are
+    made in that order as they leave their projections (XLA picks the matmuls' output layouts to
+    match) and RoPE runs on them there, so nothing between the projections and the kernel is a
+    pass over q of its own."""
+    cfg = self.cfg
+    q, k, v = (self._project(x, n, key).transpose(0, 2, 1, 3) for n in "qkv")  # [B, H | K, T, Dh]
+    at = positions[:, None, :]  # [B, 1, T]
+    # The kernel does not scale the scores: q's 1 / sqrt(Dh) rides on RoPE's sines and cosines.
+    q = rope(q, at, cfg.rope_theta, cfg.rotary_dim, scale=cfg.head_dim ** -0.5)
+    q = constrain(q, attention_lib.Q_AXES)
+    k = constrain(rope(k, at, cfg.rope_theta, cfg.rotary_dim), attention_lib.KV_AXES)
+    v = constrain(v, attention_lib.KV_AXES)
+    out = attention_lib.splash(q, k, v, segment_ids)  # [B, H, T, Dh]
+    return self._output(out.transpose(0, 2, 1, 3), key)  # folded into the output matmul
+
   def __call__(self, x, positions, segment_ids, key, cache=None):
     """x [B, T, D] -> ([B, T, D], the cache's (k, v) with x's written, or None without a cache).
 
@@ -141,15 +169,15 @@ class Attention(nnx.Module):
     slot of its segment.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    if cache is None and cfg.attention == "splash":
+      return self._splash(x, positions, segment_ids, key), None
     q, k, v = (self._project(x, n, key) for n in "qkv")  # [B, T, H | K, Dh]
-    q = constrain(rope(q, positions, cfg.rope_theta, cfg.rotary_dim),
+    at = positions[:, :, None]  # [B, T, 1]
+    q = constrain(rope(q, at, cfg.rope_theta, cfg.rotary_dim),
                   ("batch", "length", "act_heads", "head_dim"))
-    k = constrain(rope(k, positions, cfg.rope_theta, cfg.rotary_dim),
+    k = constrain(rope(k, at, cfg.rope_theta, cfg.rotary_dim),
                   ("batch", "length", "act_kv_heads", "head_dim"))
     v = constrain(v, ("batch", "length", "act_kv_heads", "head_dim"))
-
-    if cache is None and cfg.attention == "splash":
-      return self._output(attention_lib.splash(q, k, v, segment_ids), key), None
 
     b, t, h, dh = q.shape
     groups = h // cfg.num_kv_heads
