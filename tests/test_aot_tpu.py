@@ -284,6 +284,27 @@ def test_fsdp_weights_are_all_gathered_on_the_v5p_torus(tpu_env):
   assert collectives(as_listed) == ["all-reduce"]
 
 
+@needs_libtpu
+def test_embedding_gradient_moves_between_layouts_in_bf16_under_fsdp(tpu_env, monkeypatch):
+  # Under fsdp the lookup's rows come out split by `embed` and go to the batch layout; the
+  # backward all-to-all that moves their gradient back is bf16 since the model pins the rows
+  # right after the bf16 cast (spjax/model/model.py). Unpinned, the TPU compiler moved float32.
+  from spjax.model import model as model_lib
+  from spjax.train import program
+  cfg = default.get_config("tiny")
+  cfg.update_from_flattened_dict({"layout": "fsdp", "seq_len": 128, "model.attention": "xla"})
+
+  def all_to_all_types():
+    prog = program.build(cfg, aot_tpu.topology_devices("v5e:2x2"))
+    with prog.activate():
+      text = prog.jit_train_step().lower(prog.abstract_state(),
+                                         prog.abstract_batch()).compile().as_text()
+    return {t for t in re.findall(r"= (bf16|f32)\[[^ ]* all-to-all(?:-start)?\(", text)}
+  assert all_to_all_types() == {"bf16"}
+  monkeypatch.setattr(model_lib, "_lookup_splits_embed", lambda: False)
+  assert "f32" in all_to_all_types()  # the control: without the pin the move is float32
+
+
 def test_context_parallel_kernels_are_charged_their_share_of_each_row():
   # fsdp_sp on 8 devices: batch over fsdp=4, length over sequence=2. A device holds half of the
   # queries of each of its rows, and the balanced order gives it half of each row's causal blocks.
