@@ -85,10 +85,9 @@ def test_remat_policies_leave_gradients_unchanged(policy):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), base, remat)
 
 
-def test_save_dots_no_batch_keeps_the_projections_but_not_the_output_projection():
-  # Per layer: q, k, v, gate and up ([B, T, F]) are kept; the attention output projection's
-  # [B, T, D] is not (recomputed from the attention output, one matmul), nor is the down one's
-  # (nothing in the backward pass reads it).
+def test_save_dots_no_batch_keeps_every_projection_the_backward_pass_reads():
+  # Per layer: q, k, v, the attention output projection's [B, T, D], gate and up ([B, T, F]) are
+  # kept; the down projection's is not (nothing in the backward pass reads it).
   cfg = dataclasses.replace(CFG, remat_policy="save_dots_no_batch", scan_layers=False)
   graphdef, params = nnx.split(make(cfg), nnx.Param)
   x = tokens((2, 8))
@@ -96,8 +95,8 @@ def test_save_dots_no_batch_keeps_the_projections_but_not_the_output_projection(
           residuals.saved(lambda p: jnp.sum(nnx.merge(graphdef, p).hidden(x)), params) if r.name]
   heads, kv = f"f32[2,8,{cfg.num_heads},{cfg.head_dim}]", f"f32[2,8,{cfg.num_kv_heads},{cfg.head_dim}]"
   mlp = f"f32[2,8,{cfg.mlp_dim}]"
-  per_layer = [(heads, "proj/q"), (kv, "proj/k"), (kv, "proj/v"), (mlp, "proj/gate"),
-               (mlp, "proj/up")]
+  per_layer = [(heads, "proj/q"), (kv, "proj/k"), (kv, "proj/v"),
+               (f"f32[2,8,{cfg.d_model}]", "proj/o"), (mlp, "proj/gate"), (mlp, "proj/up")]
   assert sorted(kept) == sorted(per_layer * cfg.num_layers)
 
 

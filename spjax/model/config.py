@@ -28,10 +28,11 @@ _KEEP_ATTENTION = _CP.save_only_these_names(attention_lib.RESIDUALS)
 # for q's output, "proj/q_lora" for its adapter's rank-r input, and so on. The matmul-saving
 # policies choose by name, not by the shape of the dot: under the pipeline's stage vmap every
 # matmul gains a batch dimension, and a policy keeping the dots without batch dimensions kept none.
-# o's output is not among them: a [B, T, D] per layer, it is recomputed from the attention output
-# the backward pass reads anyway (one matmul, about 2% of the layer's FLOPs; 1 GiB for the 1B at
-# batch 8); nor is o's adapter input, contracting heads and head_dim as o does.
-SAVED_PROJECTIONS = ("q", "k", "v", "gate", "up", "down")
+# All seven, as MaxText's "minimal": o's output, a [B, T, D] per layer (1 GiB for the 1B at batch
+# 8), spares the backward pass o's matmul and the block's second norm its wait on it (the 1B on
+# v5e: 0.863 -> 0.832 s a step, BENCHMARKS.md). down's output is named but never kept: nothing in
+# the backward pass reads it.
+SAVED_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def projection_name(kernel: str) -> str:
@@ -64,8 +65,8 @@ REMAT_POLICIES = {
     # keep matmul outputs (with batch dims: attention scores too), recompute the rest
     "save_dots": _unless_low_rank(_CP.save_from_both_policies(_CP.checkpoint_dots,
                                                               _KEEP_ATTENTION)),
-    # keep the projections' outputs but o's (_PROJECTIONS); recompute einsum attention from q, k
-    # and v, and the output projection from the attention output
+    # keep the projections' outputs (_PROJECTIONS) and the fused attention's residuals; recompute
+    # einsum attention from q, k and v
     "save_dots_no_batch": _CP.save_only_these_names(*_PROJECTIONS, attention_lib.RESIDUALS),
     # as save_dots_no_batch, but the fused attention's output is not kept either: its forward kernel
     # runs again in the backward pass (a [B, T, H, Dh] less per layer, for its FLOPs)
