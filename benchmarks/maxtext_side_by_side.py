@@ -14,7 +14,8 @@ Same model, batch and settings on both sides: Llama blocks (RMSNorm, RoPE, SwiGL
 32000, seq 2048, fp32 params and Adam moments, bf16 compute, AdamW, FSDP over every chip,
 unrolled layers, splash attention. Remat "full" is full on both; "saved" is spjax's
 `save_dots_no_batch` against MaxText's `minimal` (each one's matmul-saving policy); "projections"
-is spjax's `save_projections` against `minimal`, the same saved tensors on both sides.
+is spjax's `save_projections` against `minimal`, and "context" spjax's `save_projections_attention`
+against `minimal_with_context`: the same saved tensors on both sides.
 
 Setup (MaxText 0.2.5 wants Python 3.12; a virtualenv outside the repository, spjax installed
 into it without its own pins so that both share MaxText's jax and libtpu):
@@ -47,9 +48,11 @@ WORKLOADS = {
               "layers": 2, "heads": 4, "kv_heads": 4, "head_dim": 128, "mlp": 1024},
 }
 # (spjax, MaxText): "saved" is each one's matmul-saving policy as issue 17 compares them;
-# "projections" is the same saved set on both sides (projections kept, attention recomputed).
+# "projections" the same saved set on both sides (every projection kept, attention recomputed);
+# "context" the same again with the attention output kept too.
 REMATS = {"full": ("full", "full"), "saved": ("save_dots_no_batch", "minimal"),
-          "projections": ("save_projections", "minimal")}
+          "projections": ("save_projections", "minimal"),
+          "context": ("save_projections_attention", "minimal_with_context")}
 VOCAB, SEQ = 32000, 2048
 # MaxText's train_compile appends this to LIBTPU_INIT_ARGS itself; set for both so the compiler
 # flags are the same (it only touches random-number ops, which neither step has without dropout).

@@ -74,7 +74,8 @@ def test_scan_and_unrolled_stacks_compute_the_same_function():
   np.testing.assert_allclose(forward(scanned, x), forward(unrolled, x), atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_projections"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch", "save_projections",
+                                    "save_projections_attention"])
 def test_remat_policies_leave_gradients_unchanged(policy):
   def grads(cfg):
     graphdef, params = nnx.split(make(cfg), nnx.Param)
@@ -85,18 +86,21 @@ def test_remat_policies_leave_gradients_unchanged(policy):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), base, remat)
 
 
-def test_save_dots_no_batch_keeps_every_projection_the_backward_pass_reads():
-  # Per layer: q, k, v, the attention output projection's [B, T, D], gate and up ([B, T, F]) are
-  # kept; the down projection's is not (nothing in the backward pass reads it).
-  cfg = dataclasses.replace(CFG, remat_policy="save_dots_no_batch", scan_layers=False)
+@pytest.mark.parametrize("policy,with_o", [("save_dots_no_batch", False),
+                                           ("save_projections", True)])
+def test_projection_policies_keep_the_projections_the_backward_pass_reads(policy, with_o):
+  # Per layer: q, k, v, gate and up ([B, T, F]) are kept, and the attention output projection's
+  # [B, T, D] by save_projections; the down projection's never (nothing in the backward pass reads
+  # it). (The einsum attention of this model has no kernel residuals to keep.)
+  cfg = dataclasses.replace(CFG, remat_policy=policy, scan_layers=False)
   graphdef, params = nnx.split(make(cfg), nnx.Param)
   x = tokens((2, 8))
   kept = [(r.type, r.name) for r in
           residuals.saved(lambda p: jnp.sum(nnx.merge(graphdef, p).hidden(x)), params) if r.name]
   heads, kv = f"f32[2,8,{cfg.num_heads},{cfg.head_dim}]", f"f32[2,8,{cfg.num_kv_heads},{cfg.head_dim}]"
   mlp = f"f32[2,8,{cfg.mlp_dim}]"
-  per_layer = [(heads, "proj/q"), (kv, "proj/k"), (kv, "proj/v"),
-               (f"f32[2,8,{cfg.d_model}]", "proj/o"), (mlp, "proj/gate"), (mlp, "proj/up")]
+  per_layer = [(heads, "proj/q"), (kv, "proj/k"), (kv, "proj/v"), (mlp, "proj/gate"),
+               (mlp, "proj/up")] + [(f"f32[2,8,{cfg.d_model}]", "proj/o")] * with_o
   assert sorted(kept) == sorted(per_layer * cfg.num_layers)
 
 

@@ -149,12 +149,12 @@ def ranked(rows) -> list:
 
 
 def table(rows) -> str:
-  head = (f"{'layout':<11} {'remat':<19} {'batch':>5} {'acc':>3} {'scan':>5} {'chunk':>5} "
+  head = (f"{'layout':<11} {'remat':<26} {'batch':>5} {'acc':>3} {'scan':>5} {'chunk':>5} "
           f"{'est GiB':>7} {'GiB':>6} {'step s':>7} {'MFU':>6} {'tok/s/chip':>10} "
           f"{'XLA s':>7} {'XLA MFU':>7}  note")
   lines = [head, "-" * len(head)]
   for cand, est, r, note in rows:
-    cells = (f"{cand.layout:<11} {cand.remat:<19} {cand.batch:>5} {cand.accum:>3} "
+    cells = (f"{cand.layout:<11} {cand.remat:<26} {cand.batch:>5} {cand.accum:>3} "
              f"{str(cand.scan):>5} {cand.loss_chunk:>5} "
              f"{(est or 0) / GIB:>7.1f} ")
     if r and "error" not in r:
@@ -250,7 +250,8 @@ if __name__ == "__main__":
   _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5p:4x4x4.")
   _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology over DCN.")
   _LAYOUTS = flags.DEFINE_string("layouts", "fsdp,fsdp_tp", "Layout presets to try.")
-  _REMAT = flags.DEFINE_string("remat", "full,save_dots_no_batch", "Remat policies to try.")
+  _REMAT = flags.DEFINE_string("remat", "full,save_dots_no_batch,save_projections_attention",
+                               "Remat policies to try.")
   _BATCHES = flags.DEFINE_string("batches", "2,4,8", "Per-chip microbatch sizes to try.")
   _SCAN = flags.DEFINE_string("scan", "true", "model.scan_layers values to try (true,false).")
   _LOSS_CHUNK = flags.DEFINE_string("loss_chunk", "0", "loss_chunk_size values to try.")

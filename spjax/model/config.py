@@ -28,11 +28,8 @@ _KEEP_ATTENTION = _CP.save_only_these_names(attention_lib.RESIDUALS)
 # for q's output, "proj/q_lora" for its adapter's rank-r input, and so on. The matmul-saving
 # policies choose by name, not by the shape of the dot: under the pipeline's stage vmap every
 # matmul gains a batch dimension, and a policy keeping the dots without batch dimensions kept none.
-# All seven, as MaxText's "minimal": o's output, a [B, T, D] per layer (1 GiB for the 1B at batch
-# 8), spares the backward pass o's matmul and the block's second norm its wait on it (the 1B on
-# v5e: 0.863 -> 0.832 s a step, BENCHMARKS.md). down's output is named but never kept: nothing in
-# the backward pass reads it.
-SAVED_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# down's output is named but never kept: nothing in the backward pass reads it.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def projection_name(kernel: str) -> str:
@@ -40,7 +37,16 @@ def projection_name(kernel: str) -> str:
   return "proj/" + kernel
 
 
-_PROJECTIONS = tuple(projection_name(k + lora) for k in SAVED_PROJECTIONS for lora in ("", "_lora"))
+def _names(kernels) -> tuple:  # the checkpoint names of `kernels`' products and adapter inputs
+  return tuple(projection_name(k + lora) for k in kernels for lora in ("", "_lora"))
+
+
+# o's output, a [B, T, D] per layer (1 GiB for the 1B at batch 8), is what sets the policies apart:
+# left out, the backward pass redoes o's matmul (from the attention output it reads anyway) before
+# the block's second norm. Kept, the 1B on v5e compiled faster (0.863 -> 0.832 s a step), the 7B
+# on v5p slower (1.106 -> 1.140 s): BENCHMARKS.md, issue 17.
+_PROJECTIONS_BUT_O = _names(k for k in PROJECTIONS if k != "o")
+_PROJECTIONS = _names(PROJECTIONS)
 _LOW_RANK = 128  # contractions shorter than this (one MXU pass) are not projections: see below
 
 
@@ -65,12 +71,14 @@ REMAT_POLICIES = {
     # keep matmul outputs (with batch dims: attention scores too), recompute the rest
     "save_dots": _unless_low_rank(_CP.save_from_both_policies(_CP.checkpoint_dots,
                                                               _KEEP_ATTENTION)),
-    # keep the projections' outputs (_PROJECTIONS) and the fused attention's residuals; recompute
-    # einsum attention from q, k and v
-    "save_dots_no_batch": _CP.save_only_these_names(*_PROJECTIONS, attention_lib.RESIDUALS),
-    # as save_dots_no_batch, but the fused attention's output is not kept either: its forward kernel
-    # runs again in the backward pass (a [B, T, H, Dh] less per layer, for its FLOPs)
+    # keep the projections' outputs but o's and the fused attention's residuals; recompute einsum
+    # attention from q, k and v
+    "save_dots_no_batch": _CP.save_only_these_names(*_PROJECTIONS_BUT_O, attention_lib.RESIDUALS),
+    # every projection's output, o's too (MaxText's "minimal"); the fused attention's forward kernel
+    # runs again in the backward pass (its output, a [B, T, H, Dh] per layer, is not kept)
     "save_projections": _CP.save_only_these_names(*_PROJECTIONS),
+    # both: every projection's output and the fused attention's (MaxText's "minimal_with_context")
+    "save_projections_attention": _CP.save_only_these_names(*_PROJECTIONS, attention_lib.RESIDUALS),
 }
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
