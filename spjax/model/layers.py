@@ -108,7 +108,8 @@ def rope(x, positions, theta: float, rotary_dim: int, scale: float = 1.0):
   sin, cos = (jnp.concatenate([t, t], axis=-1) for t in (sin, cos))  # [..., R]
   # rotate_half(x) = [-x2, x1] as a product with a signed permutation [R, R]. On TPU, XLA wrote the
   # two rotated halves as half-width buffers and joined them in a copy of q of its own; a matmul
-  # keeps its elementwise consumers in its output pass (1B on v5e: -3.4 ms a layer, BENCHMARKS.md).
+  # keeps its elementwise consumers in its output pass (1B on v5e: 1.092 -> 1.045 s a step at full
+  # remat, BENCHMARKS.md).
   # Exact: one nonzero term of +-1 per output, at full precision for float32 x too.
   eye, zero = jnp.eye(half, dtype=x.dtype), jnp.zeros((half, half), x.dtype)
   swap = jnp.block([[zero, eye], [-eye, zero]])  # [R, R]: xr @ swap = [-x2, x1]

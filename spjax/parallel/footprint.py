@@ -75,15 +75,16 @@ def activation_bytes(prog) -> dict:
   if cfg.num_experts:
     f = int(f * cfg.experts_per_token * (cfg.capacity_factor or 1.0))
   matmul_outputs = tokens * (q + 2 * kv + d + 2 * f + d) * e  # q, k, v, out, gate, up, down
-  projections = tokens * (q + 2 * kv + 2 * f) * e  # q, k, v, gate, up (o's output: + tokens * d)
+  projections = tokens * (q + 2 * kv + 2 * f) * e  # q, k, v, gate, up
+  out = tokens * d * e  # o's output, which save_dots_no_batch leaves out
   attention = tokens * q * e + tokens * q // cfg.head_dim * 4  # splash output and log-sum-exp
   scores = rows * (cfg.num_heads // _shards(prog, "act_heads")) * c.seq_len ** 2 * e
   elementwise = tokens * (2 * d + 2 * f) * e  # norms, activation, gated product
   per_layer = {
       "full": tokens * d * e,  # the layer's input only
       "save_dots_no_batch": tokens * d * e + projections + attention,
-      "save_projections": tokens * d * e + projections + tokens * d * e,
-      "save_projections_attention": tokens * d * e + projections + tokens * d * e + attention,
+      "save_projections": tokens * d * e + projections + out,
+      "save_projections_attention": tokens * d * e + projections + out + attention,
       "save_dots": tokens * d * e + matmul_outputs + attention +
                    (scores if cfg.attention == "xla" else 0),
       "none": tokens * d * e + matmul_outputs + attention + elementwise +
