@@ -65,13 +65,14 @@ def test_tiny_on_v5e_2x2(tmp_path):
 
 @needs_libtpu
 @pytest.mark.parametrize("remat,forward_runs", [("full", 2), ("save_dots_no_batch", 1),
-                                                ("save_projections", 2)])
+                                                ("save_projections", 2),
+                                                ("save_projections_attention", 1)])
 def test_splash_kernels_are_costed_per_executed_call(tmp_path, remat, forward_runs):
   # The Mosaic kernels compile for TPU here; the cost model leaves them at zero cycles, so the tool
   # charges their FLOPs at --kernel_efficiency. Under full remat the forward kernel runs twice per
   # layer (forward and recompute), inside the layer scan: the count must see through the loop.
   # The matmul policies keep the kernel's residuals, so it runs forward once; save_projections
-  # does not keep them (less memory), so it runs twice.
+  # does not keep them (less memory), so it runs twice; save_projections_attention keeps them.
   proc, r = aot_tiny(tmp_path, "--config.layout=tp", "--config.model.attention=splash",
                      f"--config.model.remat_policy={remat}", "--kernel_efficiency=0.25")
   cfg = default.get_config("tiny")

@@ -87,10 +87,11 @@ def test_remat_policies_leave_gradients_unchanged(policy):
 
 
 @pytest.mark.parametrize("policy,with_o", [("save_dots_no_batch", False),
-                                           ("save_projections", True)])
+                                           ("save_projections", True),
+                                           ("save_projections_attention", True)])
 def test_projection_policies_keep_the_projections_the_backward_pass_reads(policy, with_o):
   # Per layer: q, k, v, gate and up ([B, T, F]) are kept, and the attention output projection's
-  # [B, T, D] by save_projections; the down projection's never (nothing in the backward pass reads
+  # [B, T, D] by the save_projections*; the down projection's never (nothing in the backward pass reads
   # it). (The einsum attention of this model has no kernel residuals to keep.)
   cfg = dataclasses.replace(CFG, remat_policy=policy, scan_layers=False)
   graphdef, params = nnx.split(make(cfg), nnx.Param)
