@@ -110,11 +110,13 @@ def rope(x, positions, theta: float, rotary_dim: int, scale: float = 1.0):
   # two rotated halves as half-width buffers and joined them in a copy of q of its own; a matmul
   # keeps its elementwise consumers in its output pass (1B on v5e: 1.092 -> 1.045 s a step at full
   # remat, BENCHMARKS.md).
-  # Exact: one nonzero term of +-1 per output, at full precision for float32 x too.
+  # Exact: one nonzero term of +-1 per output. bf16 x is exact at the default precision, in one
+  # MXU pass; float32 x needs HIGHEST, which the TPU runs as several bf16 passes.
+  precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
   eye, zero = jnp.eye(half, dtype=x.dtype), jnp.zeros((half, half), x.dtype)
   swap = jnp.block([[zero, eye], [-eye, zero]])  # [R, R]: xr @ swap = [-x2, x1]
   xr, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-  turned = jnp.einsum("...d,de->...e", xr, swap, precision=jax.lax.Precision.HIGHEST)
+  turned = jnp.einsum("...d,de->...e", xr, swap, precision=precision)
   rotated = xr * cos + turned * sin
   if not rest.size:
     return rotated
