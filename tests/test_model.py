@@ -156,3 +156,22 @@ def test_rope_is_rotate_half_to_the_bit_in_either_head_order(dtype, rotary_dim, 
   heads_first = layers.rope(x.transpose(0, 2, 1, 3), jnp.asarray(positions)[:, None, :], 500.0,
                             rotary_dim, scale)
   np.testing.assert_array_equal(heads_first.transpose(0, 2, 1, 3), got)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("activation", sorted(layers.ACTIVATIONS))
+def test_gated_unit_is_act_times_up_with_autodiffs_gradients(activation, dtype):
+  # layers.gated's backward pass hands its operands and its gradients through optimization
+  # barriers (a TPU fusion choice, BENCHMARKS.md): the value and both gradients must be autodiff's
+  # of act(g) * u, bit for bit. Op by op: compiled, XLA may keep a bf16 intermediate in float32
+  # on one side of a barrier and not the other.
+  act = layers.ACTIVATIONS[activation]
+  g, u, t = (jax.random.normal(jax.random.key(i), (2, 8, 16), dtype) for i in range(3))
+  loss = lambda f: jax.value_and_grad(lambda g, u: jnp.sum((f(g, u) * t).astype(jnp.float32)),
+                                      argnums=(0, 1))
+  value, grads = loss(layers.gated(activation))(g, u)
+  want_value, want_grads = loss(lambda g, u: act(g) * u)(g, u)
+  assert value == want_value
+  for got, want in zip(grads, want_grads):
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -7,6 +7,7 @@ Shapes in comments: B batch, T length, S cache slots, D d_model, H heads, K kv_h
 Dh head_dim, R rotary dims, F mlp_dim, V vocab, L layers.
 """
 
+import functools
 import math
 
 import jax
@@ -217,6 +218,30 @@ class Attention(nnx.Module):
     return y + self.o_bias[...].astype(dt) if self.cfg.attn_bias else y
 
 
+@functools.cache
+def gated(activation: str):
+  """(g, u) -> act(g) * u, [B, T, F] each; autodiff's gradients, each written once.
+
+  dg = t * u * act'(g) is an elementwise pass heavy on the vector unit (an exp and a divide for
+  SiLU). Left to itself, XLA on TPU fused it into each of its two consumers, the gate's weight
+  gradient and the gate's input gradient, so it ran twice, inside matmuls it slowed by half (the
+  1B on v5e: 4.1-4.4 ms against 2.9 for the plain matmul). Behind an optimization barrier dg and du
+  are materialized where they are made: 1B step 0.863 -> 0.797 s (save_dots_no_batch), 1.045 ->
+  1.009 s (full remat); 7B on v5p 1.106 -> 1.084 and 1.338 -> 1.319 s (BENCHMARKS.md, issue 17).
+  """
+  act = ACTIVATIONS[activation]
+
+  @jax.custom_vjp
+  def glu(g, u):
+    return act(g) * u
+
+  def bwd(res, t):
+    return jax.lax.optimization_barrier(jax.vjp(lambda g, u: act(g) * u, *res)[1](t))
+
+  glu.defvjp(lambda g, u: (glu(g, u), (g, u)), bwd)
+  return glu
+
+
 class MLP(nnx.Module):
   """down(act(x @ gate) * (x @ up)) when gated (SwiGLU), else down(act(x @ up))."""
   KERNELS = {"gate": 1, "up": 1, "down": 1}  # as Attention.KERNELS
@@ -241,10 +266,10 @@ class MLP(nnx.Module):
     return y + getattr(self, name + "_bias")[...].astype(dt) if self.cfg.mlp_bias else y
 
   def __call__(self, x, key=None):  # [B, T, D]; key (None in eval) for adapters' dropout
-    first = "gate" if self.cfg.gated_mlp else "up"
-    h = ACTIVATIONS[self.cfg.mlp_activation](self._dense(x, first, key))
     if self.cfg.gated_mlp:
-      h = h * self._dense(x, "up", key)  # [B, T, F]
+      h = gated(self.cfg.mlp_activation)(self._dense(x, "gate", key), self._dense(x, "up", key))
+    else:
+      h = ACTIVATIONS[self.cfg.mlp_activation](self._dense(x, "up", key))  # [B, T, F]
     h = constrain(h, ("batch", "length", "act_mlp"))
     return self._dense(h, "down", key)  # [B, T, D]
 
