@@ -94,7 +94,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = model_lib.SIZES[arg].to_config()
   if arg in ("1b", "7b"):
     # Without remat the 1B asks for 21 GiB per v5e chip at batch 4 and the 7B for 160 GiB on v5p;
-    # keeping only the projections' outputs fits (10.8 and 28.9 GiB) and recomputes the least.
+    # keeping only the projections' outputs fits (8.6 and 24.6 GiB, `tools/aot_tpu.py` with libtpu
+    # 0.0.52, BENCHMARKS.md) and recomputes the least.
     c.model.remat_policy = "save_dots_no_batch"
 
   c.optimizer = ml_collections.ConfigDict()
