@@ -161,9 +161,9 @@ def test_rope_is_rotate_half_to_the_bit_in_either_head_order(dtype, rotary_dim, 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("activation", sorted(layers.ACTIVATIONS))
 def test_gated_unit_is_act_times_up_with_autodiffs_gradients(activation, dtype):
-  # layers.gated's backward pass hands its operands and its gradients through optimization
-  # barriers (a TPU fusion choice, BENCHMARKS.md): the value and both gradients must be autodiff's
-  # of act(g) * u, bit for bit. Op by op: compiled, XLA may keep a bf16 intermediate in float32
+  # layers.gated's backward pass hands its gradients back through an optimization barrier (a TPU
+  # fusion choice, BENCHMARKS.md): the value and both gradients must be autodiff's of act(g) * u,
+  # bit for bit. Op by op: compiled, XLA may keep a bf16 intermediate in float32
   # on one side of a barrier and not the other.
   act = layers.ACTIVATIONS[activation]
   g, u, t = (jax.random.normal(jax.random.key(i), (2, 8, 16), dtype) for i in range(3))

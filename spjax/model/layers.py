@@ -225,9 +225,9 @@ def gated(activation: str):
   dg = t * u * act'(g) is an elementwise pass heavy on the vector unit (an exp and a divide for
   SiLU). Left to itself, XLA on TPU fused it into each of its two consumers, the gate's weight
   gradient and the gate's input gradient, so it ran twice, inside matmuls it slowed by half (the
-  1B on v5e: 4.1-4.4 ms against 2.9 for the plain matmul). Behind an optimization barrier dg and du
-  are materialized where they are made: 1B step 0.863 -> 0.797 s (save_dots_no_batch), 1.045 ->
-  1.009 s (full remat); 7B on v5p 1.106 -> 1.084 and 1.338 -> 1.319 s (BENCHMARKS.md, issue 17).
+  1B on v5e: 4.1-4.4 ms against 2.9 for the plain matmul). Behind an optimization barrier, dg and
+  du are materialized where they are made: 1B step 0.863 -> 0.797 s (save_dots_no_batch), 1.045
+  -> 1.009 s (full remat); 7B on v5p 1.106 -> 1.084 and 1.338 -> 1.319 s (BENCHMARKS.md, #17).
   """
   act = ACTIVATIONS[activation]
 
