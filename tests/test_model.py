@@ -91,8 +91,8 @@ def test_remat_policies_leave_gradients_unchanged(policy):
                                            ("save_projections_attention", True)])
 def test_projection_policies_keep_the_projections_the_backward_pass_reads(policy, with_o):
   # Per layer: q, k, v, gate and up ([B, T, F]) are kept, and the attention output projection's
-  # [B, T, D] by the save_projections*; the down projection's never (nothing in the backward pass reads
-  # it). (The einsum attention of this model has no kernel residuals to keep.)
+  # [B, T, D] by the save_projections*; the down projection's never (nothing in the backward pass
+  # reads it). (The einsum attention of this model has no kernel residuals to keep.)
   cfg = dataclasses.replace(CFG, remat_policy=policy, scan_layers=False)
   graphdef, params = nnx.split(make(cfg), nnx.Param)
   x = tokens((2, 8))
@@ -163,8 +163,8 @@ def test_rope_is_rotate_half_to_the_bit_in_either_head_order(dtype, rotary_dim, 
 def test_gated_unit_is_act_times_up_with_autodiffs_gradients(activation, dtype):
   # layers.gated's backward pass hands its gradients back through an optimization barrier (a TPU
   # fusion choice, BENCHMARKS.md): the value and both gradients must be autodiff's of act(g) * u,
-  # bit for bit. Op by op: compiled, XLA may keep a bf16 intermediate in float32
-  # on one side of a barrier and not the other.
+  # bit for bit. Op by op: compiled, XLA may keep a bf16 intermediate in float32 on one side of a
+  # barrier and not the other.
   act = layers.ACTIVATIONS[activation]
   g, u, t = (jax.random.normal(jax.random.key(i), (2, 8, 16), dtype) for i in range(3))
   loss = lambda f: jax.value_and_grad(lambda g, u: jnp.sum((f(g, u) * t).astype(jnp.float32)),

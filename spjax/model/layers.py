@@ -231,14 +231,14 @@ def gated(activation: str):
   """
   act = ACTIVATIONS[activation]
 
-  @jax.custom_vjp
-  def glu(g, u):
+  def product(g, u):
     return act(g) * u
 
   def bwd(res, t):
-    return jax.lax.optimization_barrier(jax.vjp(lambda g, u: act(g) * u, *res)[1](t))
+    return jax.lax.optimization_barrier(jax.vjp(product, *res)[1](t))
 
-  glu.defvjp(lambda g, u: (glu(g, u), (g, u)), bwd)
+  glu = jax.custom_vjp(product)
+  glu.defvjp(lambda g, u: (product(g, u), (g, u)), bwd)
   return glu
 
 
